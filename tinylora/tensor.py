@@ -1,0 +1,306 @@
+"""The autograd engine: `Tensor`, `Function`, `backward`, `no_grad`.
+
+This is reverse-mode automatic differentiation over a recorded graph, in the
+spirit of micrograd and early tinygrad:
+
+* A `Tensor` wraps an `np.ndarray` (`.data`). Leaves that require a gradient
+  (LoRA's A and B) collect it in `.grad`; frozen leaves (pretrained weights)
+  have `requires_grad=False` and are never differentiated.
+* Every differentiable op is a subclass of `Function` with `forward` and
+  `backward` written side by side (see `tinylora/ops/`). `Function.apply`
+  runs the forward on plain arrays and, when a gradient may be needed, records
+  the call as a node of the graph: the output tensor remembers the `Function`
+  instance (its "context"), which remembers its input tensors and whatever the
+  forward saved for the backward.
+* `Tensor.backward()` sorts the graph topologically, walks it in reverse,
+  calls each node's `backward` with the gradient of its output and adds (`+=`)
+  the results into the gradients of the inputs. A tensor used twice therefore
+  receives the sum of both contributions (the "diamond" case). Each node's
+  context is freed as soon as it has been passed, so the activations saved for
+  the backward are released during the backward itself.
+
+What is deliberately not here: no device abstraction, no lazy evaluation, no
+higher-order gradients (backward does not build a graph), no operator
+registration magic — `Tensor.__matmul__` visibly calls `MatMul.apply`.
+
+The only process-wide state is the grad mode, changed only through `no_grad()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import numpy as np
+
+# Grad mode: the one piece of global state. Under `no_grad()` no graph is
+# recorded, so inference keeps no activations alive.
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """Context manager: ops inside record no graph (inference, evaluation)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+class Tensor:
+    """An n-dimensional array that can take part in reverse-mode autodiff.
+
+    data:          the `np.ndarray` holding the values
+    requires_grad: True for trainable leaves and for results computed from them
+    grad:          for leaves with requires_grad, the accumulated gradient
+                   (same shape as data) after `backward()`; None before
+    """
+
+    __slots__ = ("data", "requires_grad", "grad", "_ctx")
+
+    def __init__(self, data, requires_grad: bool = False):
+        self.data = data if isinstance(data, np.ndarray) else np.asarray(data)
+        self.requires_grad = bool(requires_grad)
+        self.grad: np.ndarray | None = None
+        self._ctx: Function | None = None  # the Function that produced this tensor
+
+    # -- array-like conveniences -------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    def numpy(self) -> np.ndarray:
+        return self.data
+
+    def item(self) -> float:
+        return self.data.item()
+
+    def detach(self) -> "Tensor":
+        """The same values, cut off from the graph (shares memory)."""
+        return Tensor(self.data, requires_grad=False)
+
+    def __repr__(self) -> str:
+        flag = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}{flag})"
+
+    # -- operators: each one visibly calls the Function that implements it.
+    # The imports are local because ops/ imports Function from this module.
+    def __add__(self, other) -> "Tensor":
+        from .ops.elementwise import Add
+        return Add.apply(self, _as_tensor(other, self.dtype))
+
+    __radd__ = __add__
+
+    def __sub__(self, other) -> "Tensor":
+        from .ops.elementwise import Add, Mul
+        minus_other = Mul.apply(_as_tensor(other, self.dtype), _as_tensor(-1.0, self.dtype))
+        return Add.apply(self, minus_other)
+
+    def __neg__(self) -> "Tensor":
+        from .ops.elementwise import Mul
+        return Mul.apply(self, _as_tensor(-1.0, self.dtype))
+
+    def __mul__(self, other) -> "Tensor":
+        from .ops.elementwise import Mul
+        return Mul.apply(self, _as_tensor(other, self.dtype))
+
+    __rmul__ = __mul__
+
+    def __matmul__(self, other: "Tensor") -> "Tensor":
+        from .ops.linear import MatMul
+        return MatMul.apply(self, other)
+
+    def __getitem__(self, index) -> "Tensor":
+        from .ops.shape import Slice
+        return Slice.apply(self, index=index)
+
+    def reshape(self, *shape) -> "Tensor":
+        from .ops.shape import Reshape
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return Reshape.apply(self, shape=shape)
+
+    def transpose(self, *axes) -> "Tensor":
+        from .ops.shape import Transpose
+        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+            axes = tuple(axes[0])
+        return Transpose.apply(self, axes=axes or None)
+
+    @property
+    def T(self) -> "Tensor":
+        return self.transpose()
+
+    def sum(self, axis=None, keepdims: bool = False) -> "Tensor":
+        from .ops.reduce import Sum
+        return Sum.apply(self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis=None, keepdims: bool = False) -> "Tensor":
+        from .ops.reduce import Mean
+        return Mean.apply(self, axis=axis, keepdims=keepdims)
+
+    # -- reverse mode -------------------------------------------------------
+    def backward(self, dy: np.ndarray | None = None) -> None:
+        """Backpropagate from this tensor, accumulating into leaves' `.grad`.
+
+        dy: the gradient of some scalar objective with respect to this tensor
+            (same shape). Omitted, this tensor must hold a single value and
+            dy = 1, i.e. we differentiate this tensor itself.
+
+        Gradients of intermediate tensors live only during this call; leaves
+        accumulate (`+=`) so several backward passes add up, which is how
+        gradient accumulation over micro-batches works. The graph is freed as
+        it is walked: calling backward twice through the same graph is an error.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad: "
+                               "no input of the computation was trainable")
+        if dy is None:
+            if self.data.size != 1:
+                raise RuntimeError(f"backward() without dy needs a single value, got shape {self.shape}")
+            dy = np.ones_like(self.data)
+        dy = np.asarray(dy, dtype=self.data.dtype)
+        if dy.shape != self.shape:
+            raise ValueError(f"backward(): dy has shape {dy.shape}, tensor has shape {self.shape}")
+
+        # Pending gradients of non-leaf tensors, keyed by id(tensor). A result
+        # of backward may alias its dy (Add passes dy straight through), so we
+        # never update a stored gradient in place: `g = g + new` makes a copy.
+        pending: dict[int, np.ndarray] = {id(self): dy}
+        for node in reversed(_topological_order(self)):
+            g = pending.pop(id(node), None)
+            ctx = node._ctx
+            if ctx is _FREED:
+                raise RuntimeError("backward() through a graph that an earlier backward() already freed; "
+                                   "recompute the forward pass")
+            if ctx is None:                      # a trainable leaf
+                if g is not None:
+                    node.grad = g.copy() if node.grad is None else node.grad + g
+                continue
+            node._ctx = _FREED                   # free the graph as we pass it
+            if g is None:                        # no path from here to the output
+                continue
+            input_grads = ctx.backward(g)
+            if not isinstance(input_grads, tuple):
+                input_grads = (input_grads,)
+            if len(input_grads) != len(ctx.parents):
+                raise RuntimeError(f"{type(ctx).__name__}.backward returned {len(input_grads)} "
+                                   f"gradients for {len(ctx.parents)} inputs")
+            for parent, needed, dx in zip(ctx.parents, ctx.needs_input_grad, input_grads):
+                if not needed or dx is None:
+                    continue
+                if dx.shape != parent.shape:
+                    raise RuntimeError(f"{type(ctx).__name__}.backward: gradient of shape {dx.shape} "
+                                       f"for an input of shape {parent.shape}")
+                key = id(parent)
+                pending[key] = dx if key not in pending else pending[key] + dx
+            ctx.parents = ()                     # drop references to inputs
+            ctx.saved = ()                       # and to saved activations
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Tensors reachable from `root` through recorded Functions, inputs first.
+
+    Iterative depth-first search (a 30-layer model has thousands of nodes, more
+    than Python's recursion limit would like). Only tensors that require grad
+    are visited: frozen tensors are not part of the differentiated graph.
+    """
+    order: list[Tensor] = []
+    visited: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        if node._ctx is not None:
+            for parent, needed in zip(node._ctx.parents, node._ctx.needs_input_grad):
+                if needed and id(parent) not in visited:
+                    stack.append((parent, False))
+    return order
+
+
+class _Freed:
+    """Stands in for a node's context once backward has passed it."""
+    parents: tuple = ()
+    needs_input_grad: tuple = ()
+
+
+_FREED = _Freed()
+
+
+def _as_tensor(x, dtype) -> Tensor:
+    """Wrap a Python number or array as a constant (frozen) tensor."""
+    return x if isinstance(x, Tensor) else Tensor(np.asarray(x, dtype=dtype))
+
+
+class Function:
+    """One differentiable op: `forward` and `backward` side by side.
+
+    Subclasses implement
+
+        forward(self, *arrays, **options) -> np.ndarray
+            computes the output from the inputs' arrays; may store what the
+            backward needs with `self.save_for_backward(...)`;
+        backward(self, dy) -> tuple of np.ndarray | None
+            given dL/d(output), returns dL/d(input) for each positional input,
+            or None where `self.needs_input_grad[i]` is False. Skipping those
+            is what makes frozen weights cheap: a linear layer with a frozen W
+            computes only dx, never dW.
+
+    Positional arguments of `apply` are Tensors (the differentiable inputs);
+    keyword arguments are plain options (shapes, axes, masks, labels, eps).
+    The Function instance itself is the node's context.
+    """
+
+    parents: tuple[Tensor, ...]
+    needs_input_grad: tuple[bool, ...]
+    saved: tuple
+
+    @classmethod
+    def apply(cls, *inputs: Tensor, **options) -> Tensor:
+        for i, t in enumerate(inputs):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{cls.__name__}.apply: input {i} is {type(t).__name__}, expected Tensor "
+                                "(pass non-differentiable options as keyword arguments)")
+        ctx = cls()
+        ctx.needs_input_grad = tuple(_grad_enabled and t.requires_grad for t in inputs)
+        ctx.saved = ()
+        out = Tensor(ctx.forward(*(t.data for t in inputs), **options),
+                     requires_grad=any(ctx.needs_input_grad))
+        if out.requires_grad:
+            ctx.parents = inputs
+            out._ctx = ctx
+        return out
+
+    def save_for_backward(self, *arrays) -> None:
+        # Nothing needs a gradient (frozen inputs or no_grad): keep nothing alive.
+        if any(self.needs_input_grad):
+            self.saved = arrays
+
+    def forward(self, *arrays, **options) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def backward(self, dy: np.ndarray):  # pragma: no cover - interface
+        raise NotImplementedError
