@@ -18,7 +18,8 @@ def assert_close(actual, expected, tol: float, what: str = "value") -> None:
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != expected {expected.shape}"
     same_nonfinite = (np.isnan(actual) & np.isnan(expected)) | (np.isinf(actual) & (actual == expected))
-    err = np.where(same_nonfinite, 0.0, np.abs(actual - expected) / np.maximum(1.0, np.abs(expected)))
+    with np.errstate(invalid="ignore"):               # inf - inf is NaN; those places are masked next
+        err = np.where(same_nonfinite, 0.0, np.abs(actual - expected) / np.maximum(1.0, np.abs(expected)))
     err = np.where(np.isnan(err), np.inf, err)
     if err.size and err.max() > tol:
         i = np.unravel_index(np.argmax(err), err.shape)

@@ -13,7 +13,7 @@ row the mean is 0/0 = NaN, again as in PyTorch. The next-token shift
 
 import numpy as np
 
-from ..kernels import cross_entropy as K
+from ..kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from ..tensor import Function, Tensor
 
 IGNORE_INDEX = -100
@@ -31,7 +31,7 @@ class CrossEntropy(Function):
         if bad.any():
             raise IndexError(f"cross_entropy: label {labels[bad][0]} outside the vocabulary of {V}")
         logits = np.ascontiguousarray(logits)
-        loss, lse = K.cross_entropy_forward(logits, labels, ignore_index)
+        loss, lse = cross_entropy_forward(logits, labels, ignore_index)
         count = int(np.count_nonzero(labels != ignore_index))
         self.save_for_backward(logits, labels, lse, count, ignore_index)
         mean = loss.sum() / count if count else np.nan
@@ -40,7 +40,7 @@ class CrossEntropy(Function):
     def backward(self, dy):
         logits, labels, lse, count, ignore_index = self.saved
         scale = float(dy) / count if count else np.nan
-        return K.cross_entropy_backward(logits, labels, lse, ignore_index, scale)
+        return cross_entropy_backward(logits, labels, lse, ignore_index, scale)
 
 
 def cross_entropy(logits: Tensor, labels: np.ndarray, ignore_index: int = IGNORE_INDEX) -> Tensor:

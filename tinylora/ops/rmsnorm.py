@@ -12,7 +12,7 @@ Unlike LayerNorm there is no mean subtraction and no bias. The loops are in
 
 import numpy as np
 
-from ..kernels import rmsnorm as K
+from ..kernels.rmsnorm import rmsnorm_backward, rmsnorm_backward_weight, rmsnorm_forward
 from ..tensor import Function
 
 
@@ -22,7 +22,7 @@ class RMSNorm(Function):
     def forward(self, x, w, *, eps: float):
         C = x.shape[-1]
         x2 = np.ascontiguousarray(x.reshape(-1, C))        # (N, C), N = all leading axes
-        y, rstd = K.rmsnorm_forward(x2, w.astype(x.dtype, copy=False), eps)
+        y, rstd = rmsnorm_forward(x2, w.astype(x.dtype, copy=False), eps)
         self.save_for_backward(x2, w, rstd)
         return y.reshape(x.shape)
 
@@ -31,9 +31,9 @@ class RMSNorm(Function):
         dy2 = np.ascontiguousarray(dy.reshape(x2.shape))    # (N, C)
         dx = dw = None
         if self.needs_input_grad[0]:
-            dx = K.rmsnorm_backward(dy2, x2, w.astype(x2.dtype, copy=False), rstd).reshape(dy.shape)
+            dx = rmsnorm_backward(dy2, x2, w.astype(x2.dtype, copy=False), rstd).reshape(dy.shape)
         if self.needs_input_grad[1]:
-            dw = K.rmsnorm_backward_weight(dy2, x2, rstd).astype(w.dtype, copy=False)
+            dw = rmsnorm_backward_weight(dy2, x2, rstd).astype(w.dtype, copy=False)
         return dx, dw
 
 

@@ -16,7 +16,7 @@ the caller passes as `positions` (or as `offset` to `rope_tables`).
 
 import numpy as np
 
-from ..kernels import rope as K
+from ..kernels.rope import rope_backward, rope_forward
 from ..tensor import Function, Tensor
 
 
@@ -50,11 +50,11 @@ class RoPE(Function):
         cos = np.ascontiguousarray(np.broadcast_to(cos, (B, T, cos.shape[-1])), dtype=x.dtype)
         sin = np.ascontiguousarray(np.broadcast_to(sin, (B, T, sin.shape[-1])), dtype=x.dtype)
         self.save_for_backward(cos, sin)
-        return K.rope_forward(np.ascontiguousarray(x), cos, sin)
+        return rope_forward(np.ascontiguousarray(x), cos, sin)
 
     def backward(self, dy):
         cos, sin = self.saved
-        return K.rope_backward(np.ascontiguousarray(dy), cos, sin)
+        return rope_backward(np.ascontiguousarray(dy), cos, sin)
 
 
 def rope(x: Tensor, cos: np.ndarray, sin: np.ndarray) -> Tensor:

@@ -11,7 +11,7 @@ The loops are in `tinylora/kernels/swiglu.py`.
 
 import numpy as np
 
-from ..kernels import swiglu as K
+from ..kernels.swiglu import swiglu_backward, swiglu_forward
 from ..tensor import Function, Tensor
 
 
@@ -25,11 +25,11 @@ class SwiGLU(Function):
         g2 = np.ascontiguousarray(g.reshape(-1, F))   # (N, F)
         u2 = np.ascontiguousarray(u.reshape(-1, F))   # (N, F)
         self.save_for_backward(g2, u2)
-        return K.swiglu_forward(g2, u2).reshape(g.shape)
+        return swiglu_forward(g2, u2).reshape(g.shape)
 
     def backward(self, dy):
         g2, u2 = self.saved
-        dg, du = K.swiglu_backward(np.ascontiguousarray(dy.reshape(g2.shape)), g2, u2)
+        dg, du = swiglu_backward(np.ascontiguousarray(dy.reshape(g2.shape)), g2, u2)
         return (dg.reshape(dy.shape) if self.needs_input_grad[0] else None,
                 du.reshape(dy.shape) if self.needs_input_grad[1] else None)
 
