@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import TinyloraError
+
 
 def _cmd_gradcheck(args: argparse.Namespace) -> int:
     from .gradcheck_ops import run_all
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, KeyError, IndexError, TypeError) as e:
+    except (TinyloraError, OSError) as e:
         if args.debug:
             raise
         print(f"tinylora {args.command}: error: {e}", file=sys.stderr)
