@@ -1,0 +1,133 @@
+"""ModelConfig: the decoder's hyper-parameters, read from a checkpoint's config.json.
+
+Field names are config.json's own (`hidden_size`, `num_key_value_heads`, …) so
+a reader can hold the two side by side. Qwen2 and Llama share one decoder; what
+differs is captured by three bias flags:
+
+    Qwen2:  q/k/v projections have a bias, o_proj has none, the MLP has none
+    Llama:  `attention_bias` switches the bias of q/k/v *and* o_proj; `mlp_bias` the MLP's
+
+Anything the model cannot honour (another architecture, an activation other
+than SiLU, sliding-window attention switched on, a rope_scaling type that is
+not implemented) fails with one line naming the field. Keys that change
+nothing here are ignored from an explicit list; any other unknown key is
+reported in one warning, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import TinyloraError
+
+ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+
+# config.json keys that are read below, and keys that are harmless to ignore
+# (training-time or tooling settings that do not change the forward pass).
+_USED = {"architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "rope_theta", "rope_parameters",
+         "rope_scaling", "rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias",
+         "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act",
+         "use_sliding_window", "sliding_window", "layer_types", "max_window_layers"}
+_HARMLESS = {"attention_dropout", "initializer_range", "use_cache", "torch_dtype", "dtype", "transformers_version",
+             "pretraining_tp", "_name_or_path", "name_or_path", "output_attentions", "output_hidden_states",
+             "return_dict", "is_decoder", "tokenizer_class", "use_return_dict", "quantization_config",
+             "bos_token", "eos_token", "pad_token", "unk_token", "chat_template", "task_specific_params",
+             "id2label", "label2id", "problem_type", "torchscript", "keys_to_ignore_at_inference", "mlp_only_layers"}
+
+
+@dataclass
+class ModelConfig:
+    architecture: str                    # "qwen2" or "llama"
+    hidden_size: int                     # C
+    num_hidden_layers: int
+    num_attention_heads: int             # H
+    num_key_value_heads: int             # K
+    head_dim: int                        # D
+    intermediate_size: int               # F
+    vocab_size: int                      # V
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 1.0     # "linear" rope scaling divides positions by this
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise TinyloraError(f"{path}: no config.json; a model folder needs config.json, *.safetensors "
+                                "and tokenizer.json")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TinyloraError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise TinyloraError(f"{path}: expected a JSON object")
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
+        def need(key):
+            if key not in raw or raw[key] is None:
+                raise TinyloraError(f"{source}: missing field '{key}'")
+            return raw[key]
+
+        archs = raw.get("architectures") or []
+        arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+        if arch is None:
+            raise TinyloraError(f"{source}: architectures {archs} not supported; tinylora runs "
+                                f"{' and '.join(ARCHITECTURES)}")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise TinyloraError(f"{source}: hidden_act '{raw['hidden_act']}' not supported (only 'silu')")
+        sliding = [t for t in raw.get("layer_types") or [] if t != "full_attention"]
+        if raw.get("use_sliding_window") or sliding:
+            raise TinyloraError(f"{source}: sliding-window attention (use_sliding_window / layer_types) "
+                                "is not supported")
+
+        # Rope: transformers 5 writes rope_parameters {rope_type, rope_theta, ...};
+        # older files have rope_theta and rope_scaling at the top level.
+        rope = dict(raw.get("rope_parameters") or {})
+        scaling = raw.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+        factor = 1.0
+        if rope_type == "linear":
+            factor = float(rope.get("factor", scaling.get("factor", 1.0)))
+        elif rope_type != "default":
+            raise TinyloraError(f"{source}: rope scaling type '{rope_type}' is not implemented "
+                                "(supported: default, linear)")
+
+        unknown = sorted(set(raw) - _USED - _HARMLESS)
+        if unknown:
+            warnings.warn(f"{source}: ignoring config keys tinylora does not use: {', '.join(unknown)}",
+                          stacklevel=3)
+
+        H = int(need("num_attention_heads"))
+        C = int(need("hidden_size"))
+        K = int(raw.get("num_key_value_heads") or H)
+        if H % K:
+            raise TinyloraError(f"{source}: num_attention_heads {H} is not a multiple of num_key_value_heads {K}")
+        eos = raw.get("eos_token_id")
+        eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+        llama_bias = bool(raw.get("attention_bias", False))
+        return cls(
+            architecture=arch, hidden_size=C, num_hidden_layers=int(need("num_hidden_layers")),
+            num_attention_heads=H, num_key_value_heads=K, head_dim=int(raw.get("head_dim") or C // H),
+            intermediate_size=int(need("intermediate_size")), vocab_size=int(need("vocab_size")),
+            rope_theta=float(theta), rope_scaling_factor=factor, rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=True if arch == "qwen2" else llama_bias,
+            o_bias=False if arch == "qwen2" else llama_bias,
+            mlp_bias=False if arch == "qwen2" else bool(raw.get("mlp_bias", False)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+            bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids,
+        )

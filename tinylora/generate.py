@@ -1,0 +1,126 @@
+"""Text generation: prefill the prompt once, then decode one token at a time with a KV cache.
+
+    prefill:  run all prompt tokens, filling the cache; the logits of the last one give token 1
+    decode:   run the newest token alone against the cache; its logits give the next token
+
+Choosing a token from the logits z (V,):
+    greedy (temperature 0):  argmax z
+    sampled:                 p = softmax(z / temperature), restricted to the top_k most likely
+                             tokens and then to the smallest set whose probability reaches
+                             top_p (nucleus sampling; Holtzman et al., 2019), renormalised.
+The random draws come from an `np.random.Generator` seeded by `seed`, so a
+sampled answer is reproducible. Generation stops at `max_tokens` or at a stop
+token (end of sequence / end of turn), which is not included in the output.
+Everything runs under `no_grad`: nothing is kept for a backward pass.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .cache import KVCache
+from .errors import TinyloraError
+from .tensor import no_grad
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_tokens: int = 0
+    generation_seconds: float = 0.0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generation_tokens / self.generation_seconds if self.generation_seconds else 0.0
+
+    @staticmethod
+    def peak_memory_gb() -> float:
+        """Peak resident memory of this process so far (Linux reports KiB)."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+    def report(self) -> str:
+        return (f"Prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.3f} tokens-per-sec\n"
+                f"Generation: {self.generation_tokens} tokens, {self.generation_tps:.3f} tokens-per-sec\n"
+                f"Peak memory: {self.peak_memory_gb():.3f} GB")
+
+
+def sample_next(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                rng: np.random.Generator | None = None) -> int:
+    """logits (V,) -> the chosen token id"""
+    if temperature <= 0.0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= kth, z, -np.inf)                 # keep the top_k largest (ties kept)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)                             # most likely first
+        before = np.cumsum(p[order]) - p[order]            # probability of the tokens ranked above
+        drop = order[before >= top_p]                      # keep until top_p is reached (>= 1 token)
+        p[drop] = 0.0
+        p /= p.sum()
+    rng = rng if rng is not None else np.random.default_rng()
+    return int(rng.choice(p.size, p=p))
+
+
+def stream_generate(model, prompt_ids: list[int], max_tokens: int = 100, temperature: float = 0.0,
+                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids: Iterable[int] = (),
+                    stats: GenerationStats | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time (the stop token itself is not yielded)."""
+    if not prompt_ids:
+        raise TinyloraError("generate: the prompt is empty")
+    if max_tokens <= 0:
+        return
+    stop = set(stop_ids)
+    rng = np.random.default_rng(seed)
+    stats = stats if stats is not None else GenerationStats()
+    cache = KVCache.for_model(model, batch=1, max_length=len(prompt_ids) + max_tokens)
+    with no_grad():
+        start = time.perf_counter()
+        h = model.hidden_states(np.array([prompt_ids]), cache=cache)           # prefill (1, T, C)
+        logits = model.lm_head(h[:, -1:]).data[0, -1]                          # (V,) last position only
+        token = sample_next(logits, temperature, top_k, top_p, rng)
+        stats.prompt_tokens, stats.prompt_seconds = len(prompt_ids), time.perf_counter() - start
+        start = time.perf_counter()
+        for n in range(max_tokens):
+            if token in stop:
+                break
+            stats.generation_tokens = n + 1
+            yield token
+            if n + 1 == max_tokens:
+                break
+            h = model.hidden_states(np.array([[token]]), cache=cache)          # decode (1, 1, C)
+            token = sample_next(model.lm_head(h).data[0, -1], temperature, top_k, top_p, rng)
+            stats.generation_seconds = time.perf_counter() - start
+        stats.generation_seconds = time.perf_counter() - start
+
+
+def generate(model, tokenizer, prompt_ids: list[int], max_tokens: int = 100, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None,
+             stats: GenerationStats | None = None) -> list[int]:
+    """prompt ids -> new token ids, stopping at the tokenizer's end-of-sequence/turn tokens.
+
+    on_text: called with each newly decoded piece of text (for streaming to a terminal).
+    """
+    stop = tokenizer.eos_token_ids if tokenizer is not None else set()
+    decoder = tokenizer.decode_stream() if (on_text is not None and tokenizer is not None) else None
+    out = []
+    for token in stream_generate(model, prompt_ids, max_tokens, temperature, top_k, top_p, seed, stop, stats):
+        out.append(token)
+        if decoder is not None:
+            piece = decoder.step(token)
+            if piece:
+                on_text(piece)
+    return out

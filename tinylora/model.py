@@ -1,0 +1,251 @@
+"""The Qwen2 / Llama decoder: one model for both, with Hugging Face's names.
+
+    logits = lm_head(norm(layer_L(... layer_1(embed_tokens(ids)))))
+    layer(x):  h   = x + o_proj(attention(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))    n1 = input_layernorm(x)
+               out = h + down_proj(silu(gate_proj(n2)) * up_proj(n2))                          n2 = post_attention_layernorm(h)
+
+Pre-norm residual blocks (RMSNorm before each sub-layer, the residual stream
+itself never normalised until the final `norm`); grouped-query attention
+with rotary positions; a SwiGLU MLP. The attribute paths are Hugging Face's
+(`model.layers.{i}.self_attn.q_proj`, `…mlp.down_proj`, `…input_layernorm`,
+`model.norm`, `lm_head`), so a checkpoint loads by name and PEFT's adapter keys
+are these names behind a fixed prefix.
+
+Qwen2 and Llama differ only in which projections carry a bias (see
+config.py). Every pretrained tensor is frozen: requires_grad False, so a
+backward pass computes gradients only for what LoRA (lora.py) adds. This
+module never imports lora: LoRA wraps these Linear layers from outside.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cache import KVCache
+from .config import ModelConfig
+from .errors import TinyloraError
+from .nn import Embedding, Linear, Module, RMSNorm
+from .ops.attention import attention
+from .ops.cross_entropy import cross_entropy
+from .ops.rope import rope, rope_inv_freq, rope_tables
+from .ops.swiglu import swiglu
+from .tensor import Tensor, is_grad_enabled
+
+
+class Attention(Module):
+    """x (B, T, C) -> (B, T, C): causal grouped-query self-attention with RoPE."""
+
+    def __init__(self, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, config: ModelConfig):
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.num_heads = config.num_attention_heads          # H
+        self.num_kv_heads = config.num_key_value_heads       # K
+        self.head_dim = config.head_dim                      # D
+
+    def __call__(self, x: Tensor, cos: np.ndarray, sin: np.ndarray, key_mask: np.ndarray | None,
+                 cache: KVCache | None, layer_idx: int) -> Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).reshape(B, T, H, D)               # (B, T, H, D)
+        k = self.k_proj(x).reshape(B, T, K, D)               # (B, T, K, D)
+        v = self.v_proj(x).reshape(B, T, K, D)               # (B, T, K, D)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)          # rotate by position; v is not rotated
+        if cache is not None:                                # decoding: attend to the cached past too
+            k_all, v_all = cache.update(layer_idx, k.data, v.data)
+            k, v = Tensor(k_all), Tensor(v_all)              # (B, S, K, D), S = cached + T
+        out = attention(q, k, v, key_mask)                   # (B, T, H, D)
+        return self.o_proj(out.reshape(B, T, H * D))         # (B, T, C)
+
+
+class MLP(Module):
+    """x (B, T, C) -> down_proj(silu(gate_proj(x)) * up_proj(x)) (B, T, C)"""
+
+    def __init__(self, gate_proj: Linear, up_proj: Linear, down_proj: Linear):
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))   # (B, T, F) in the middle
+
+
+class DecoderLayer(Module):
+    """x (B, T, C) -> (B, T, C): two pre-norm residual blocks, attention then MLP."""
+
+    def __init__(self, self_attn: Attention, mlp: MLP, input_layernorm: RMSNorm, post_attention_layernorm: RMSNorm):
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = input_layernorm
+        self.post_attention_layernorm = post_attention_layernorm
+
+    def __call__(self, x, cos, sin, key_mask, cache, layer_idx):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache, layer_idx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(Module):
+    """ids (B, T) -> final hidden states (B, T, C). Hugging Face's `model.` prefix."""
+
+    def __init__(self, embed_tokens: Embedding, layers: list[DecoderLayer], norm: RMSNorm):
+        self.embed_tokens = embed_tokens
+        self.layers = layers
+        self.norm = norm
+
+
+class CausalLM(Module):
+    """A decoder-only language model: ids (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, config: ModelConfig, model: DecoderModel, lm_head: Linear):
+        self.config = config
+        self.model = model
+        self.lm_head = lm_head          # shares embed_tokens' weight tensor when embeddings are tied
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta)
+        self.inv_freq = inv_freq / np.float32(config.rope_scaling_factor)   # (D/2,) "linear" scaling
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.model.norm.weight.dtype
+
+    def hidden_states(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                      cache: KVCache | None = None) -> Tensor:
+        """input_ids (B, T), attention_mask (B, S) or None -> final hidden states (B, T, C)
+
+        attention_mask: 1 for real tokens, 0 for padding, over all S keys
+        (cached + new). With a cache the new tokens continue at the cache's
+        position; the cache is advanced by T afterwards.
+        """
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise TinyloraError(f"input_ids must have shape (B, T), got {input_ids.shape}")
+        B, T = input_ids.shape
+        past = 0
+        if cache is not None:
+            if is_grad_enabled():
+                raise TinyloraError("a KV cache is for inference: run under tinylora.no_grad()")
+            past = cache.length
+        if attention_mask is not None:
+            attention_mask = np.asarray(attention_mask)
+            if attention_mask.shape != (B, past + T):
+                raise TinyloraError(f"attention_mask has shape {attention_mask.shape}, expected {(B, past + T)}")
+        positions = np.arange(past, past + T)                                  # (T,)
+        cos, sin = rope_tables(positions, self.inv_freq, self.dtype)           # (1, T, D/2) each
+        x = self.model.embed_tokens(input_ids)                                 # (B, T, C)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, attention_mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.model.norm(x)                                              # (B, T, C)
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                 cache: KVCache | None = None) -> Tensor:
+        """input_ids (B, T) -> logits (B, T, V)"""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache))
+
+    def loss(self, input_ids: np.ndarray, labels: np.ndarray, attention_mask: np.ndarray | None = None) -> Tensor:
+        """input_ids (B, T), labels (B, T) with -100 = not counted -> mean cross-entropy ()
+
+        The next-token shift, as transformers does it: the logits at position t
+        are scored against labels[t + 1]. Only the first T - 1 hidden states
+        go through lm_head, so the (B, T, V) logits of the last position are
+        never formed.
+        """
+        labels = np.asarray(labels)
+        if labels.shape != np.shape(input_ids):
+            raise TinyloraError(f"labels have shape {labels.shape}, input_ids {np.shape(input_ids)}")
+        h = self.hidden_states(input_ids, attention_mask)                       # (B, T, C)
+        logits = self.lm_head(h[:, :-1])                                        # (B, T-1, V)
+        return cross_entropy(logits, labels[:, 1:])                             # ()
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, tensors: dict[str, np.ndarray],
+                        dtype=np.float32, source: str = "checkpoint") -> "CausalLM":
+        """Build the model around a checkpoint's tensors (Hugging Face names), all frozen.
+
+        Float tensors are cast to `dtype`. bf16 bits (np.uint16) are kept as they
+        are for the large projection weights when dtype is float32 (half the
+        memory; the matmul kernels widen them) and widened everywhere else.
+        """
+        expected = expected_shapes(config)
+        tensors = dict(tensors)
+        if config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)          # some tied checkpoints store the copy anyway
+        for name in list(tensors):
+            if name.endswith("rotary_emb.inv_freq"):     # a cache of rope_inv_freq, not a weight
+                del tensors[name]
+        missing = [n for n in expected if n not in tensors]
+        unexpected = [n for n in tensors if n not in expected]
+        if missing:
+            raise TinyloraError(f"{source}: missing tensor {missing[0]}" +
+                                (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        if unexpected:
+            raise TinyloraError(f"{source}: unexpected tensor {unexpected[0]} for a {config.architecture} model" +
+                                (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != shape:
+                raise TinyloraError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                    f"expected {shape}")
+        return cls._build(config, tensors, np.dtype(dtype))
+
+    @classmethod
+    def _build(cls, config: ModelConfig, tensors: dict[str, np.ndarray], dtype: np.dtype) -> "CausalLM":
+        def frozen(name: str, keep_bf16: bool = False) -> Tensor:
+            a = tensors[name]
+            if a.dtype == np.uint16:                      # bf16 bits
+                if keep_bf16 and dtype == np.float32:
+                    return Tensor(np.ascontiguousarray(a))
+                from .kernels.matmul import bf16_to_f32
+                a = bf16_to_f32(np.ascontiguousarray(a))
+            return Tensor(np.ascontiguousarray(a, dtype=dtype))
+
+        def proj(prefix: str, bias: bool) -> Linear:
+            return Linear(frozen(f"{prefix}.weight", keep_bf16=True), frozen(f"{prefix}.bias") if bias else None)
+
+        layers = []
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}"
+            attn = Attention(proj(f"{p}.self_attn.q_proj", config.qkv_bias), proj(f"{p}.self_attn.k_proj", config.qkv_bias),
+                             proj(f"{p}.self_attn.v_proj", config.qkv_bias), proj(f"{p}.self_attn.o_proj", config.o_bias),
+                             config)
+            mlp = MLP(proj(f"{p}.mlp.gate_proj", config.mlp_bias), proj(f"{p}.mlp.up_proj", config.mlp_bias),
+                      proj(f"{p}.mlp.down_proj", config.mlp_bias))
+            layers.append(DecoderLayer(attn, mlp, RMSNorm(frozen(f"{p}.input_layernorm.weight"), config.rms_norm_eps),
+                                       RMSNorm(frozen(f"{p}.post_attention_layernorm.weight"), config.rms_norm_eps)))
+        embed = Embedding(frozen("model.embed_tokens.weight"))
+        decoder = DecoderModel(embed, layers, RMSNorm(frozen("model.norm.weight"), config.rms_norm_eps))
+        lm_head = Linear(embed.weight) if config.tie_word_embeddings else Linear(frozen("lm_head.weight", True))
+        return cls(config, decoder, lm_head)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must hold, with its shape (Hugging Face names)."""
+    C, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    q_dim = config.num_attention_heads * config.head_dim           # H * D
+    kv_dim = config.num_key_value_heads * config.head_dim          # K * D
+    shapes = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        for name, (out, inp), bias in [("self_attn.q_proj", (q_dim, C), config.qkv_bias),
+                                       ("self_attn.k_proj", (kv_dim, C), config.qkv_bias),
+                                       ("self_attn.v_proj", (kv_dim, C), config.qkv_bias),
+                                       ("self_attn.o_proj", (C, q_dim), config.o_bias),
+                                       ("mlp.gate_proj", (F, C), config.mlp_bias),
+                                       ("mlp.up_proj", (F, C), config.mlp_bias),
+                                       ("mlp.down_proj", (C, F), config.mlp_bias)]:
+            shapes[f"{p}.{name}.weight"] = (out, inp)
+            if bias:
+                shapes[f"{p}.{name}.bias"] = (out,)
+        shapes[f"{p}.input_layernorm.weight"] = (C,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (C,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+def random_state_dict(config: ModelConfig, rng: np.random.Generator, dtype=np.float32,
+                      std: float = 0.02) -> dict[str, np.ndarray]:
+    """A random checkpoint for tests and benchmarks: N(0, std²) weights and biases, norms near 1."""
+    tensors = {}
+    for name, shape in expected_shapes(config).items():
+        if name.endswith("norm.weight"):
+            tensors[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(dtype)
+        else:
+            tensors[name] = (std * rng.standard_normal(shape)).astype(dtype)
+    return tensors
