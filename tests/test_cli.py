@@ -28,3 +28,65 @@ def test_help_is_complete(capsys):
 def test_demo_says_honestly_it_is_not_there_yet(capsys):
     assert main(["demo"]) == 2
     assert "not yet available" in capsys.readouterr().err
+
+
+# ---- bad input: one line on stderr, exit status 2, no traceback ----------------------------------
+def _one_line_error(capsys, argv, words):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert words in err, err
+
+
+def _qwen2_folder(path, **change):
+    import json
+    import numpy as np
+    from tinylora.config import ModelConfig
+    from tinylora.formats.safetensors import write_safetensors
+    from tinylora.model import random_state_dict
+    config = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 8, "intermediate_size": 12,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 16}
+    path.mkdir()
+    write_safetensors(path / "model.safetensors",
+                      random_state_dict(ModelConfig.from_dict(config), np.random.default_rng(0)))
+    (path / "config.json").write_text(json.dumps(config | change))
+    return path
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    _one_line_error(capsys, ["info", "--model", str(tmp_path / "nope")], "nope")
+
+
+def test_folder_without_config(tmp_path, capsys):
+    _one_line_error(capsys, ["info", "--model", str(tmp_path)], "config.json")
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    folder = _qwen2_folder(tmp_path / "m", architectures=["MambaForCausalLM"])
+    _one_line_error(capsys, ["info", "--model", str(folder)], "not supported")
+
+
+def test_corrupt_safetensors(tmp_path, capsys):
+    folder = _qwen2_folder(tmp_path / "m")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])          # truncated
+    _one_line_error(capsys, ["info", "--model", str(folder)], "model.safetensors")
+
+
+def test_missing_tokenizer(tmp_path, capsys):
+    folder = _qwen2_folder(tmp_path / "m")
+    _one_line_error(capsys, ["generate", "--model", str(folder), "--prompt", "hi"], "tokenizer.json")
+
+
+def test_gguf_of_unsupported_architecture(tmp_path, capsys):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    path = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _one_line_error(capsys, ["import-gguf", str(path), str(tmp_path / "out")], "gpt2")
+    assert not (tmp_path / "out").exists()

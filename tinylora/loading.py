@@ -1,0 +1,47 @@
+"""`tinylora.load`: a model folder or hub repo id -> (CausalLM, Tokenizer).
+
+    name_or_path ──formats.hub──> local folder (weights/<name> for a hub id)
+       config.json ──> ModelConfig        *.safetensors ──> tensors ──> CausalLM (all frozen)
+       tokenizer.json + tokenizer_config.json ──> Tokenizer
+
+Only config, tokenizer and safetensors files are ever read: no pickle, no
+remote code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .formats.hub import resolve_model
+from .formats.safetensors import load_checkpoint
+from .model import CausalLM
+from .tokenizer import Tokenizer
+
+DTYPES = {"float32": np.float32, "float64": np.float64, "bfloat16": np.float32}
+
+
+def load_model(name_or_path: str | Path, dtype: str = "float32", weights_dir: str | Path = "weights") -> CausalLM:
+    """The model alone (no tokenizer needed).
+
+    dtype: "float32" (default) computes and stores in float32; "bfloat16" keeps
+    the projection weights of a bf16 checkpoint in bf16 (half the memory) and
+    computes in float32; "float64" is for gradient checks.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    folder = resolve_model(name_or_path, weights_dir)
+    config = ModelConfig.from_json(folder / "config.json")
+    tensors = load_checkpoint(folder, keep_bf16=(dtype == "bfloat16"))
+    model = CausalLM.from_state_dict(config, tensors, dtype=DTYPES[dtype], source=str(folder))
+    model.name_or_path = str(name_or_path)
+    return model
+
+
+def load(name_or_path: str | Path, dtype: str = "float32", weights_dir: str | Path = "weights"):
+    """-> (model, tokenizer) from a local Hugging Face-format folder or a hub repo id."""
+    folder = resolve_model(name_or_path, weights_dir)
+    tokenizer = Tokenizer.from_folder(folder)          # checked first: a missing tokenizer fails fast
+    return load_model(folder, dtype, weights_dir), tokenizer
