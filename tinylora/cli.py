@@ -65,10 +65,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_gradcheck(args: argparse.Namespace) -> int:
+    from .gradcheck_model import check_lora_model
     from .gradcheck_ops import run_all
-    print("Gradient check of every op: analytic backward vs central finite differences (float64),\n"
-          "random upstream gradient, sampled entries plus one random direction.\n")
-    return 0 if run_all(seed=args.seed, verbose=args.verbose) else 1
+    ok = True
+    if args.only in (None, "ops"):
+        print("Every op: analytic backward vs central finite differences (float64), random upstream\n"
+              "gradient, sampled entries plus one random direction.\n")
+        ok &= run_all(seed=args.seed, verbose=args.verbose)
+    if args.only in (None, "model"):
+        print("\nEnd to end: LoRA (r=4) on all seven projections of a tiny random Qwen2 (2 layers, GQA,\n"
+              "q/k/v biases, float64), B non-zero; the loss of a padded batch with -100 labels.\n")
+        result, leaked = check_lora_model(seed=args.seed)
+        print(result.table())
+        print(f"frozen tensors holding a gradient: {', '.join(leaked) if leaked else 'none'}")
+        ok &= result.ok and not leaked
+    return 0 if ok else 1
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -136,11 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("gradcheck", help="check every op's backward against finite differences, as a table",
-                       description="Check every op's analytic backward against central finite differences "
-                       "in float64 and print the errors. Exits 1 if any check fails.")
+    p = sub.add_parser("gradcheck", help="check every op's backward, and LoRA end to end, against finite differences",
+                       description="Check every op's analytic backward, and then every LoRA A and B of a tiny "
+                       "random Qwen2, against central finite differences in float64; print the errors as "
+                       "tables. Exits 1 if any check fails.")
     p.add_argument("--seed", type=int, default=0, help="seed for inputs, upstream gradients and samples (default 0)")
     p.add_argument("--verbose", action="store_true", help="print every compared number, not one line per op")
+    p.add_argument("--only", choices=["ops", "model"], default=None,
+                   help="only the op catalogue, or only the end-to-end LoRA check (default: both)")
     p.set_defaults(func=_cmd_gradcheck)
 
     p = sub.add_parser("bench", help="benchmarks (kernels: matmul paths vs numpy on the model's shapes)",

@@ -36,7 +36,8 @@ def load_model(name_or_path: str | Path, dtype: str = "float32", weights_dir: st
     config = ModelConfig.from_json(folder / "config.json")
     tensors = load_checkpoint(folder, keep_bf16=(dtype == "bfloat16"))
     model = CausalLM.from_state_dict(config, tensors, dtype=DTYPES[dtype], source=str(folder))
-    model.name_or_path = str(name_or_path)
+    model.name_or_path = str(name_or_path)     # what the user asked for (PEFT's base_model_name_or_path)
+    model.folder = folder                      # where its files are (tokenizer files for `fuse`)
     return model
 
 
@@ -44,4 +45,4 @@ def load(name_or_path: str | Path, dtype: str = "float32", weights_dir: str | Pa
     """-> (model, tokenizer) from a local Hugging Face-format folder or a hub repo id."""
     folder = resolve_model(name_or_path, weights_dir)
     tokenizer = Tokenizer.from_folder(folder)          # checked first: a missing tokenizer fails fast
-    return load_model(folder, dtype, weights_dir), tokenizer
+    return load_model(name_or_path, dtype, weights_dir), tokenizer   # resolves to the same folder again

@@ -26,7 +26,20 @@ from .tensor import Tensor
 
 
 class Module:
-    """Base of every layer: named parameters by walking attributes."""
+    """Base of every layer: named parameters by walking attributes.
+
+    `training` (True by default) switches what differs between training and
+    inference, which here is only LoRA's dropout; `train(True / False)` sets
+    it on the whole tree (there is deliberately no `eval` method: that name is
+    reserved for the builtin we never use).
+    """
+
+    training: bool = True
+
+    def train(self, mode: bool = True) -> "Module":
+        for _, module in self.named_modules():
+            module.training = mode
+        return self
 
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
         """(dotted name, module) for this module and all below it, in attribute order."""
