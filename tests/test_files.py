@@ -95,3 +95,36 @@ def test_inside_rejects_escaping_names(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path.parent)
     with pytest.raises(TinyloraError, match="outside"):
         inside(tmp_path, "link/evil.safetensors")
+
+
+def test_atomic_folder_puts_the_old_folder_back_when_the_swap_fails(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def flaky_replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:                       # old moved aside; now the new one fails to move in
+            raise OSError("disk trouble")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky_replace)
+    with pytest.raises(OSError, match="disk trouble"):
+        with atomic_folder(target, overwrite=True) as staging:
+            (staging / "new.txt").write_text("new")
+    assert (target / "old.txt").read_text() == "old" and not (target / "new.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_atomic_folder_recovers_from_a_kill_between_the_renames(tmp_path):
+    # What a SIGKILL between the two renames leaves: the old folder aside, no target, a staging folder.
+    aside = tmp_path / ".model.old-x1"
+    (aside / "model").mkdir(parents=True)
+    (aside / "model" / "old.txt").write_text("old")
+    (tmp_path / ".model.partial-x2").mkdir()
+    with pytest.raises(TinyloraError, match="already exists"):
+        with atomic_folder(tmp_path / "model"):
+            pass
+    assert (tmp_path / "model" / "old.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

@@ -22,6 +22,7 @@ def fake_model_folder(folder):
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "config.json", {"architectures": ["LlamaForCausalLM"]})
     write_safetensors(folder / "model.safetensors", {"w": np.zeros(1, np.float32)})
+    write_json(folder / "tokenizer.json", {})
     return folder
 
 
@@ -121,3 +122,27 @@ def test_repo_id_shape():
     assert hub.is_repo_id("Qwen/Qwen2.5-0.5B-Instruct") and hub.is_repo_id("HuggingFaceTB/SmolLM2-135M-Instruct")
     for name in ["model", "a/b/c", "../x", "org/..", "/abs/path", "org/", "org/na me"]:
         assert not hub.is_repo_id(name), name
+
+
+@pytest.mark.parametrize("leave_out", ["model-00002-of-00002.safetensors", "tokenizer.json"])
+def test_interrupted_download_is_resumed(tmp_path, monkeypatch, leave_out):
+    # config.json, the shard index and one of two shards: not complete, so snapshot_download runs again.
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    folder = tmp_path / "weights" / "Qwen2.5-0.5B-Instruct"
+    folder.mkdir(parents=True)
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    write_json(folder / "config.json", {"architectures": ["Qwen2ForCausalLM"]})
+    write_json(folder / "model.safetensors.index.json", {"weight_map": {"a": shards[0], "b": shards[1]}})
+    for name in shards + ["tokenizer.json"]:
+        if name != leave_out:
+            (folder / name).write_bytes(b"x")
+    calls = []
+
+    def resume(repo_id, local_dir, **kwargs):
+        calls.append(repo_id)
+        (local_dir / leave_out).write_bytes(b"x")
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", resume)
+    assert hub.resolve_model("Qwen/Qwen2.5-0.5B-Instruct", weights_dir=tmp_path / "weights") == folder
+    assert calls == ["Qwen/Qwen2.5-0.5B-Instruct"]

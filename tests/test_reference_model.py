@@ -90,3 +90,14 @@ def test_greedy_generation_matches_transformers(tmp_path):
     expected = out[0, len(prompt):].tolist()
     from tinylora.generate import stream_generate
     assert list(stream_generate(ours, prompt, max_tokens=10)) == expected
+
+
+@pytest.mark.parametrize("rope", [{"rope_theta": 1e6, "rope_type": "default"},
+                                  {"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}],
+                         ids=["theta 1e6 (Qwen2.5)", "linear scaling x2"])
+def test_long_sequence_rope_matches(tmp_path, rope):
+    # ~1000 positions: float32 angle errors grow with the position, so this is where RoPE details show.
+    ref = make("qwen2", tmp_path, rope_parameters=rope)
+    ours = load_model(tmp_path)
+    ids = np.random.default_rng(0).integers(0, 96, (1, 1000))
+    compare(ref, ours, ids)

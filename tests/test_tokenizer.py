@@ -11,7 +11,6 @@ import unicodedata
 from datetime import datetime
 
 import pytest
-import tokenizers
 from tokenizers import Regex, Tokenizer as RustTokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers import processors, trainers
 
@@ -201,7 +200,7 @@ def test_stream_decode_never_splits_a_character(folders, skip_special_tokens):
         assert not any("\ufffd" in p for p in pieces), f"a piece of {text!r} holds half a character: {pieces}"
         assert "".join(pieces) == tok.decode(ids, skip_special_tokens=skip_special_tokens)
         # the oracle: tokenizers' own DecodeStream, the same algorithm in Rust, piece for piece
-        oracle = tokenizers.decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
+        oracle = decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
         assert pieces == [oracle.step(tok._backend, i) or "" for i in ids]
         held_back += pieces.count("")
     assert held_back > 0, "no character spanned two tokens: the test text does not exercise streaming"
@@ -383,8 +382,7 @@ def test_whitespace_loop_controls_and_generation_tag(tmp_path):
                         theirs.from_pretrained(folder).apply_chat_template(CHATS[chat], return_dict=False), chat)
 
 
-# ---- the real SmolLM2-135M-Instruct (imported from GGUF) -------------------------------
-
+# ---- the real SmolLM2 (both sides read our tokenizer.json; the GGUF build is test_smollm2.py's job)
 @pytest.mark.slow
 def test_smollm2_matches_transformers(smollm2_dir, hf_auto):
     ours, theirs = Tokenizer.from_folder(smollm2_dir), hf_auto(smollm2_dir)

@@ -1,4 +1,4 @@
-"""The KV cache: keys and values of past tokens, kept so decoding is O(1) layers per token.
+"""The KV cache: keys and values of past tokens, so each new token runs through the model alone.
 
 Without a cache, generating token n means running the whole prefix of n
 tokens through the model again. With it, the prefix is run once (prefill) and

@@ -4,10 +4,9 @@ Each subcommand parses its flags and calls one library function; there is no
 logic here that the Python API lacks. Errors the user can fix are printed as
 one line on stderr with exit status 2; `--debug` shows the traceback instead.
 
-Subcommands so far: `download`, `import-gguf`, `generate`, `info`,
+Subcommands so far: `download`, `import-gguf`, `generate`, `info`, `fuse`,
 `gradcheck`, `bench kernels`, and `demo` (which says honestly that the
-quick-start has not landed yet). `train` and `fuse` arrive with the LoRA and
-training work.
+quick-start has not landed yet). `train` arrives with the training work.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .generate import GenerationStats, generate
     from .loading import load
     model, tok = load(args.model, dtype=args.dtype)
+    _maybe_adapter(model, args)
     if args.ignore_chat_template:
         ids = tok.encode(((args.system + "\n\n") if args.system else "") + args.prompt)
     else:
@@ -58,10 +58,32 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .loading import load_model
     from .info import model_info
-    print(model_info(load_model(args.model, dtype=args.dtype)))
+    from .loading import load_model
+    model = load_model(args.model, dtype=args.dtype)
+    _maybe_adapter(model, args)
+    print(model_info(model))
+    if args.adapter_path:
+        from .lora import parameter_report
+        c = model.lora_config
+        print(f"LoRA adapter:     {args.adapter_path} (r {c.r}, alpha {c.alpha:g}, scale {c.scale:g}, "
+              f"targets {', '.join(c.targets)}, layers {'all' if c.layers is None else c.layers})")
+        print(parameter_report(model))
     return 0
+
+
+def _cmd_fuse(args: argparse.Namespace) -> int:
+    from .formats.export import fuse
+    out = fuse(args.model, args.adapter_path, args.save_path, dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype])
+    print(f"fused model written to {out}")
+    return 0
+
+
+def _maybe_adapter(model, args: argparse.Namespace) -> None:
+    if args.adapter_path:
+        from .formats.peft import load_adapter
+        load_adapter(model, args.adapter_path)
+        model.train(False)
 
 
 def _cmd_gradcheck(args: argparse.Namespace) -> int:
@@ -100,6 +122,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _model_args(p: argparse.ArgumentParser) -> None:
     """The flags every command that loads a model shares."""
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or hub repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--adapter-path", default=None, help="a LoRA adapter folder (PEFT format) to apply")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="float32, or bfloat16 to keep a bf16 checkpoint's projection weights in bf16")
 
@@ -146,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print a model's architecture, shapes and parameter counts.")
     _model_args(p)
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("fuse", help="merge a LoRA adapter into the model and save a full Hugging Face folder",
+                       description="Load the model and the adapter, merge W' = W + scale * B A into every adapted "
+                       "projection, and write a complete Hugging Face-format folder (config.json, "
+                       "model.safetensors, tokenizer files) that transformers and tinylora load without the "
+                       "adapter.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or hub repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--adapter-path", required=True, help="the LoRA adapter folder (PEFT format)")
+    p.add_argument("--save-path", required=True, help="the folder to write (must not be the model's own folder)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="dtype of the saved weights: fp32 (exact) or bf16 (half the size)")
+    p.set_defaults(func=_cmd_fuse)
 
     p = sub.add_parser("gradcheck", help="check every op's backward, and LoRA end to end, against finite differences",
                        description="Check every op's analytic backward, and then every LoRA A and B of a tiny "

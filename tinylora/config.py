@@ -32,7 +32,8 @@ _USED = {"architectures", "model_type", "hidden_size", "num_hidden_layers", "num
          "rope_scaling", "rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias",
          "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act",
          "use_sliding_window", "sliding_window", "layer_types", "max_window_layers"}
-_HARMLESS = {"attention_dropout", "initializer_range", "use_cache", "torch_dtype", "dtype", "transformers_version",
+_HARMLESS = {"initializer_range", "is_llama_config", "rope_interleaved", "transformers.js_config", "use_cache",
+             "torch_dtype", "dtype", "transformers_version",
              "pretraining_tp", "_name_or_path", "name_or_path", "output_attentions", "output_hidden_states",
              "return_dict", "is_decoder", "tokenizer_class", "use_return_dict", "quantization_config",
              "bos_token", "eos_token", "pad_token", "unk_token", "chat_template", "task_specific_params",
@@ -41,6 +42,10 @@ _HARMLESS = {"attention_dropout", "initializer_range", "use_cache", "torch_dtype
 
 @dataclass
 class ModelConfig:
+    # Fields keep config.json's names, except four derived ones: `architecture`
+    # (from "architectures"), `rope_scaling_factor` (from rope_parameters /
+    # rope_scaling), `qkv_bias` / `o_bias` (Qwen2's fixed rule or Llama's
+    # "attention_bias") and `eos_token_ids` (eos_token_id, an int or a list).
     architecture: str                    # "qwen2" or "llama"
     hidden_size: int                     # C
     num_hidden_layers: int
@@ -106,7 +111,10 @@ class ModelConfig:
             raise TinyloraError(f"{source}: rope scaling type '{rope_type}' is not implemented "
                                 "(supported: default, linear)")
 
-        unknown = sorted(set(raw) - _USED - _HARMLESS)
+        if raw.get("attention_dropout"):
+            warnings.warn(f"{source}: attention_dropout {raw['attention_dropout']} is not applied (tinylora "
+                          "trains without dropout on attention weights; LoRA has its own dropout)", stacklevel=3)
+        unknown = sorted(set(raw) - _USED - _HARMLESS - {"attention_dropout"})
         if unknown:
             warnings.warn(f"{source}: ignoring config keys tinylora does not use: {', '.join(unknown)}",
                           stacklevel=3)

@@ -68,8 +68,8 @@ def sample_next(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, to
     if top_p < 1.0:
         order = np.argsort(-p)                             # most likely first
         before = np.cumsum(p[order]) - p[order]            # probability of the tokens ranked above
-        drop = order[before >= top_p]                      # keep until top_p is reached (>= 1 token)
-        p[drop] = 0.0
+        drop = order[before >= top_p]                      # keep until top_p is reached ...
+        p[drop[drop != order[0]]] = 0.0                    # ... and always the most likely token
         p /= p.sum()
     rng = rng if rng is not None else np.random.default_rng()
     return int(rng.choice(p.size, p=p))
@@ -81,6 +81,12 @@ def stream_generate(model, prompt_ids: list[int], max_tokens: int = 100, tempera
     """Yield new token ids one at a time (the stop token itself is not yielded)."""
     if not prompt_ids:
         raise TinyloraError("generate: the prompt is empty")
+    if not temperature >= 0.0:                             # also catches NaN
+        raise TinyloraError(f"generate: temperature must be >= 0, got {temperature}")
+    if not 0.0 <= top_p <= 1.0:
+        raise TinyloraError(f"generate: top_p must be in [0, 1], got {top_p}")
+    if top_k < 0:
+        raise TinyloraError(f"generate: top_k must be >= 0, got {top_k}")
     if max_tokens <= 0:
         return
     stop = set(stop_ids)

@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import TinyloraError
 from .nn import Linear, Module
+from .ops.linear import widen_bf16
 from .ops.lora import LoRALinear
 from .tensor import Tensor
 
@@ -121,7 +122,8 @@ def apply_lora(model: Module, config: LoraConfig, seed: int = 0) -> Module:
         raise TinyloraError("the model already has LoRA layers; load a fresh model to inject again")
     layers = list(range(n_layers)) if config.layers is None else config.layers
     if any(i >= n_layers for i in layers):
-        raise TinyloraError(f"LoRA layer {max(layers)} out of range: the model has {n_layers} layers (0-{n_layers - 1})")
+        raise TinyloraError(f"LoRA layer {max(layers)} out of range: the model has {n_layers} layers "
+                            f"(0-{n_layers - 1})")
     rng = np.random.default_rng(seed)
     std = config.init_std if config.init_std is not None else 1.0 / config.r
     dtype = model.dtype
@@ -161,10 +163,8 @@ def merge(model: Module) -> Module:
     A bf16-stored W is widened to float32 first: ΔW is small next to W, and
     rounding the sum back to bf16 would erase much of it.
     """
-    from .kernels.matmul import bf16_to_f32, is_bf16
     for path, lora in lora_layers(model):
-        w = lora.base_layer.weight.data
-        w = bf16_to_f32(np.ascontiguousarray(w)) if is_bf16(w) else w
+        w = widen_bf16(lora.base_layer.weight.data)
         merged = Linear(Tensor((w + lora.delta_weight()).astype(w.dtype)), lora.base_layer.bias)
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path), name, merged)

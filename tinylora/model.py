@@ -1,8 +1,10 @@
 """The Qwen2 / Llama decoder: one model for both, with Hugging Face's names.
 
     logits = lm_head(norm(layer_L(... layer_1(embed_tokens(ids)))))
-    layer(x):  h   = x + o_proj(attention(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))    n1 = input_layernorm(x)
-               out = h + down_proj(silu(gate_proj(n2)) * up_proj(n2))                          n2 = post_attention_layernorm(h)
+    layer(x):  n1  = input_layernorm(x)
+               h   = x + o_proj(attention(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))
+               n2  = post_attention_layernorm(h)
+               out = h + down_proj(silu(gate_proj(n2)) * up_proj(n2))
 
 Pre-norm residual blocks (RMSNorm before each sub-layer, the residual stream
 itself never normalised until the final `norm`); grouped-query attention
@@ -27,6 +29,7 @@ from .errors import TinyloraError
 from .nn import Embedding, Linear, Module, RMSNorm
 from .ops.attention import attention
 from .ops.cross_entropy import cross_entropy
+from .ops.linear import widen_bf16
 from .ops.rope import rope, rope_inv_freq, rope_tables
 from .ops.swiglu import swiglu
 from .tensor import Tensor, is_grad_enabled
@@ -43,6 +46,7 @@ class Attention(Module):
 
     def __call__(self, x: Tensor, cos: np.ndarray, sin: np.ndarray, key_mask: np.ndarray | None,
                  cache: KVCache | None, layer_idx: int) -> Tensor:
+        """x (B, T, C), cos/sin (1, T, D/2), key_mask (B, S) or None -> (B, T, C)"""
         B, T, _ = x.shape
         H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.q_proj(x).reshape(B, T, H, D)               # (B, T, H, D)
@@ -75,7 +79,9 @@ class DecoderLayer(Module):
         self.input_layernorm = input_layernorm
         self.post_attention_layernorm = post_attention_layernorm
 
-    def __call__(self, x, cos, sin, key_mask, cache, layer_idx):
+    def __call__(self, x: Tensor, cos: np.ndarray, sin: np.ndarray, key_mask: np.ndarray | None,
+                 cache: KVCache | None, layer_idx: int) -> Tensor:
+        """x (B, T, C) -> (B, T, C); the residual stream x is added to, never normalised."""
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache, layer_idx)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -187,29 +193,32 @@ class CausalLM(Module):
     @classmethod
     def _build(cls, config: ModelConfig, tensors: dict[str, np.ndarray], dtype: np.dtype) -> "CausalLM":
         def frozen(name: str, keep_bf16: bool = False) -> Tensor:
+            # Only the projection weights may stay bf16: they are 80-90 % of the
+            # bytes and the matmul kernels widen them on the fly. Embeddings are
+            # gathered row by row and norms and biases are tiny, so those are
+            # widened once here and every op downstream sees plain floats.
             a = tensors[name]
-            if a.dtype == np.uint16:                      # bf16 bits
-                if keep_bf16 and dtype == np.float32:
-                    return Tensor(np.ascontiguousarray(a))
-                from .kernels.matmul import bf16_to_f32
-                a = bf16_to_f32(np.ascontiguousarray(a))
-            return Tensor(np.ascontiguousarray(a, dtype=dtype))
+            if a.dtype == np.uint16 and keep_bf16 and dtype == np.float32:
+                return Tensor(np.ascontiguousarray(a))
+            return Tensor(np.ascontiguousarray(widen_bf16(a), dtype=dtype))
 
         def proj(prefix: str, bias: bool) -> Linear:
             return Linear(frozen(f"{prefix}.weight", keep_bf16=True), frozen(f"{prefix}.bias") if bias else None)
 
+        def norm(name: str) -> RMSNorm:
+            return RMSNorm(frozen(name), config.rms_norm_eps)
+
         layers = []
         for i in range(config.num_hidden_layers):
-            p = f"model.layers.{i}"
-            attn = Attention(proj(f"{p}.self_attn.q_proj", config.qkv_bias), proj(f"{p}.self_attn.k_proj", config.qkv_bias),
-                             proj(f"{p}.self_attn.v_proj", config.qkv_bias), proj(f"{p}.self_attn.o_proj", config.o_bias),
-                             config)
-            mlp = MLP(proj(f"{p}.mlp.gate_proj", config.mlp_bias), proj(f"{p}.mlp.up_proj", config.mlp_bias),
-                      proj(f"{p}.mlp.down_proj", config.mlp_bias))
-            layers.append(DecoderLayer(attn, mlp, RMSNorm(frozen(f"{p}.input_layernorm.weight"), config.rms_norm_eps),
-                                       RMSNorm(frozen(f"{p}.post_attention_layernorm.weight"), config.rms_norm_eps)))
+            a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+            attn = Attention(proj(f"{a}.q_proj", config.qkv_bias), proj(f"{a}.k_proj", config.qkv_bias),
+                             proj(f"{a}.v_proj", config.qkv_bias), proj(f"{a}.o_proj", config.o_bias), config)
+            mlp = MLP(proj(f"{m}.gate_proj", config.mlp_bias), proj(f"{m}.up_proj", config.mlp_bias),
+                      proj(f"{m}.down_proj", config.mlp_bias))
+            layers.append(DecoderLayer(attn, mlp, norm(f"model.layers.{i}.input_layernorm.weight"),
+                                       norm(f"model.layers.{i}.post_attention_layernorm.weight")))
         embed = Embedding(frozen("model.embed_tokens.weight"))
-        decoder = DecoderModel(embed, layers, RMSNorm(frozen("model.norm.weight"), config.rms_norm_eps))
+        decoder = DecoderModel(embed, layers, norm("model.norm.weight"))
         lm_head = Linear(embed.weight) if config.tie_word_embeddings else Linear(frozen("lm_head.weight", True))
         return cls(config, decoder, lm_head)
 

@@ -96,6 +96,7 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     exception the staging folder is deleted and `path` is untouched.
     """
     path = Path(path)
+    _recover(path)
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise TinyloraError(f"{path}: already exists and is not empty; choose a new folder or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +107,12 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
             os.replace(path, aside / path.name)
-            os.replace(staging, path)
+            try:
+                os.replace(staging, path)
+            except BaseException:
+                os.replace(aside / path.name, path)     # put the old folder back
+                shutil.rmtree(aside, ignore_errors=True)
+                raise
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(staging, path)            # renaming onto an empty folder is allowed
@@ -114,6 +120,23 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _fsync_folder(path.parent)
+
+
+def _recover(path: Path) -> None:
+    """Tidy up after a process killed inside `atomic_folder` for this path.
+
+    Killed between the two renames of an overwrite, the old folder sits in a
+    `.NAME.old-*` sibling and `path` is gone: move it back. Staging folders
+    (`.NAME.partial-*`) of killed runs are incomplete by definition: delete them.
+    """
+    if not path.parent.is_dir():
+        return
+    for old in sorted(path.parent.glob(f".{path.name}.old-*")):
+        if not path.exists() and (old / path.name).exists():
+            os.replace(old / path.name, path)
+        shutil.rmtree(old, ignore_errors=True)
+    for partial in path.parent.glob(f".{path.name}.partial-*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

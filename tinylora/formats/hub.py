@@ -20,6 +20,7 @@ other than the default branch, private repositories (a token in the usual
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -71,8 +72,20 @@ def _checked_folder(path: Path) -> Path:
 
 
 def _looks_complete(folder: Path) -> bool:
-    """config.json plus weights: an interrupted download (config fetched, weights not) is not complete."""
-    return (folder / "config.json").is_file() and ((folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file())
+    """config.json, tokenizer.json and every weight file: anything less is an interrupted download.
+
+    A sharded checkpoint is complete only when every shard its index names is
+    there; otherwise snapshot_download runs again and fetches what is missing.
+    """
+    if not ((folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()):
+        return False
+    if (folder / SINGLE_FILE).is_file():
+        return True
+    try:
+        shards = set(json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return all((folder / shard).is_file() for shard in shards)
 
 
 def _download(repo_id: str, local: Path) -> Path:

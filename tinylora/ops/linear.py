@@ -95,3 +95,12 @@ class Linear(Function):
 def linear(x, w, b=None):
     """x (..., C_in), w (C_out, C_in), b (C_out,) or None -> (..., C_out)"""
     return Linear.apply(x, w) if b is None else Linear.apply(x, w, b)
+
+
+def widen_bf16(a: np.ndarray) -> np.ndarray:
+    """bf16 bits (np.uint16) -> float32, exactly; any other array is returned as it is.
+
+    For the few places above the ops that hold bf16-stored weights (building
+    the model, merging LoRA) and need plain floats.
+    """
+    return matmul_kernels.bf16_to_f32(np.ascontiguousarray(a)) if matmul_kernels.is_bf16(a) else a

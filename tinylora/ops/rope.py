@@ -10,8 +10,8 @@ Hugging Face's convention ("rotate half") pairs element d with d + D/2:
     forward:   y1 = x1 cos - x2 sin,     y2 = x2 cos + x1 sin        x1 = x[..., :D/2], x2 = x[..., D/2:]
     backward:  dx1 = dy1 cos + dy2 sin,  dx2 = dy2 cos - dy1 sin     (the rotation by -angle)
 
-With a KV cache the new tokens' positions start at the cache length, which
-the caller passes as `positions` (or as `offset` to `rope_tables`).
+With a KV cache the new tokens' positions start at the cache length: the
+caller passes positions S-T .. S-1 to `rope_tables`.
 """
 
 import numpy as np
