@@ -34,3 +34,17 @@ def tol_for(dtype) -> float:
 def assert_gradcheck(result, title: str = "") -> None:
     """Assert a tinylora.gradcheck result passed; print its table on failure."""
     assert result.ok, "\n" + result.table(title)
+
+
+def assert_abs_close(actual, expected, atol: float, what: str = "value") -> float:
+    """Assert max |actual - expected| <= atol (absolute, whatever the magnitude); returns the max error."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != expected {expected.shape}"
+    err = np.abs(actual - expected)
+    worst = float(np.nanmax(err)) if err.size else 0.0
+    if np.isnan(err).any() or worst > atol:
+        i = np.unravel_index(np.nanargmax(err) if not np.isnan(err).all() else 0, err.shape)
+        raise AssertionError(f"{what}: max abs error {worst:.3e} > {atol:.1e} at index {tuple(int(j) for j in i)}: "
+                             f"got {actual[i]!r}, expected {expected[i]!r}")
+    return worst

@@ -6,15 +6,23 @@ The public surface (SPEC §3.10); everything else is free to change:
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     logits = model(np.array([ids]))                                # Tensor (B, T, V)
     out = tinylora.generate(model, tok, ids, max_tokens=20)        # new token ids
+    tinylora.apply_lora(model, tinylora.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]), seed=0)
+    print(tinylora.parameter_report(model))                        # trainable params: … || all params: …
+    loss = model.loss(input_ids, labels, attention_mask); loss.backward()
+    tinylora.save_adapter(model, "adapters/")                      # PEFT format
 """
 
 from .errors import TinyloraError
+from .formats.export import fuse, save_model
+from .formats.peft import load_adapter, save_adapter
 from .generate import generate, stream_generate
 from .gradcheck import gradcheck
 from .loading import load, load_model
+from .lora import LoraConfig, apply_lora, lora_parameters, merge, parameter_report
 from .tensor import Function, Tensor, is_grad_enabled, no_grad
 
 __version__ = "0.1.0"
 
-__all__ = ["Function", "Tensor", "TinyloraError", "generate", "gradcheck", "is_grad_enabled", "load", "load_model",
-           "no_grad", "stream_generate", "__version__"]
+__all__ = ["Function", "LoraConfig", "Tensor", "TinyloraError", "apply_lora", "fuse", "generate", "gradcheck",
+           "is_grad_enabled", "load", "load_adapter", "load_model", "lora_parameters", "merge", "no_grad",
+           "parameter_report", "save_adapter", "save_model", "stream_generate", "__version__"]

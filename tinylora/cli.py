@@ -74,7 +74,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from .formats.export import fuse
-    out = fuse(args.model, args.adapter_path, args.save_path, dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype])
+    out = fuse(args.model, args.adapter_path, args.save_path, dtype=args.dtype)
     print(f"fused model written to {out}")
     return 0
 

