@@ -256,3 +256,11 @@ def test_smollm2_fused_in_transformers_matches_unmerged(smollm2_dir, tmp_path):
     assert_close(unmerged[real], expected[real], SMOLLM2_TOL, "SmolLM2: unmerged tinylora vs fused in transformers")
     print(f"\nSmolLM2 fp32 fused: max |unmerged tinylora - transformers| = "
           f"{np.abs(unmerged[real] - expected[real]).max():.2e}")
+
+
+def test_fuse_refuses_a_non_empty_save_path_before_loading_anything(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    with pytest.raises(TinyloraError, match="already exists and is not empty"):
+        fuse(tmp_path / "no-such-model", tmp_path / "no-such-adapter", tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"

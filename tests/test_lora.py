@@ -181,3 +181,8 @@ def test_lora_linear_bias_and_rslora_scale_in_forward():
     x = rng.standard_normal((2, 5))
     expected = x @ w.T + b + (8 / math.sqrt(4)) * (x @ a.T) @ bb.T
     assert_close(layer(tl.Tensor(x)).data, expected, 1e-12, "LoRA linear")
+
+
+def test_use_rslora_must_be_a_bool():
+    with pytest.raises(TinyloraError, match="use_rslora must be true or false"):
+        LoraConfig(use_rslora="false")

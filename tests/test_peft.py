@@ -278,3 +278,9 @@ def test_failed_write_leaves_the_earlier_adapter_whole(adapter, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_adapter(model, folder)
     assert snapshot(folder) == before
+
+
+def test_saving_onto_a_file_is_one_clear_error(base_dir, tmp_path):
+    (tmp_path / "adapter").write_text("not a folder")
+    with pytest.raises(TinyloraError, match="is a file; an adapter is saved into a folder"):
+        save_adapter(with_lora(base_dir), tmp_path / "adapter")

@@ -52,6 +52,8 @@ class LoraConfig:
             raise TinyloraError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise TinyloraError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise TinyloraError(f"LoRA use_rslora must be true or false, got {self.use_rslora!r}")
         if self.init_std is not None and not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
             raise TinyloraError(f"LoRA init_std must be a positive number, got {self.init_std!r}")
         if isinstance(self.target_modules, str):

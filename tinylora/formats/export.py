@@ -29,11 +29,11 @@ from ..errors import TinyloraError
 from ..kernels.matmul import bf16_to_f32, is_bf16
 from ..lora import lora_layers, merge
 from .files import atomic_folder, read_json, write_json
+from .hub import TOKENIZER_AND_GENERATION_FILES
 from .safetensors import SINGLE_FILE, write_safetensors
 
 # Files copied as they are from the source folder, when it has them.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
+TOKENIZER_FILES = TOKENIZER_AND_GENERATION_FILES      # copied next to the merged weights
 # --dtype spellings -> the name config.json uses.
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -107,6 +107,10 @@ def fuse(model_path: str | os.PathLike, adapter_path: str | os.PathLike, save_pa
     from .peft import load_adapter
     if dtype not in DTYPES:
         raise TinyloraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    save_path = Path(save_path)
+    if not overwrite and save_path.exists() and (not save_path.is_dir() or any(save_path.iterdir())):
+        # checked before the (slow) load and merge; save_model checks again when it writes
+        raise TinyloraError(f"{save_path}: already exists and is not empty; choose a new folder or remove it")
     model = load_model(model_path, dtype="float32")
     load_adapter(model, adapter_path)
     merge(model)

@@ -28,11 +28,10 @@ from pathlib import Path
 from ..errors import TinyloraError
 from .safetensors import INDEX_FILE, SINGLE_FILE
 
-ALLOW_PATTERNS = [
-    "config.json", "generation_config.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "*.safetensors", INDEX_FILE,
-]
+# The files around the weights that a model folder may have; fuse copies them too.
+TOKENIZER_AND_GENERATION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                  "chat_template.jinja", "generation_config.json")
+ALLOW_PATTERNS = ["config.json", *TOKENIZER_AND_GENERATION_FILES, "*.safetensors", INDEX_FILE]
 
 # "org/name": the shape of a hub repo id (letters, digits, '-', '_', '.'; no '..').
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")

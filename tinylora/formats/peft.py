@@ -81,6 +81,8 @@ def save_adapter(model, folder: str | os.PathLike) -> Path:
     if anything fails, an adapter saved there earlier is left whole.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise TinyloraError(f"{folder}: is a file; an adapter is saved into a folder")
     config = getattr(model, "lora_config", None)
     if config is None or not lora_layers(model):
         raise TinyloraError("the model has no LoRA layers to save: call apply_lora or load_adapter first")
