@@ -39,6 +39,7 @@ def logits(model):
     ({"target_modules": "everything"}, "list of names or 'all-linear'"),
     ({"target_modules": []}, "is not one of"),
     ({"layers": [-1]}, "indices >= 0"),
+    ({"layers": []}, "non-empty list"),
     ({"init_std": 0}, "init_std must be a positive number"),
 ])
 def test_bad_config_is_one_clear_error(kwargs, message):
@@ -186,3 +187,27 @@ def test_lora_linear_bias_and_rslora_scale_in_forward():
 def test_use_rslora_must_be_a_bool():
     with pytest.raises(TinyloraError, match="use_rslora must be true or false"):
         LoraConfig(use_rslora="false")
+
+
+def test_dropout_applies_to_the_bypass_input_only():
+    # B = 0: whatever dropout does to the bypass, the output must equal the base model exactly ...
+    model = base_model()
+    before = logits(model)
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.5, target_modules="all-linear"), seed=0)
+    model.train(True)
+    np.testing.assert_array_equal(logits(model), before)
+    # ... and one layer with a known mask: y = x Wᵀ + b + s (x ⊙ keep) Aᵀ Bᵀ
+    rng = np.random.default_rng(1)
+    w, b, a, bb, x = (rng.standard_normal(s) for s in [(3, 5), (3,), (2, 5), (3, 2), (4, 5)])
+    layer = LoraLinear(Linear(tl.Tensor(w), tl.Tensor(b)), a, bb, scale=2.0, dropout=0.5,
+                       rng=np.random.default_rng(7))
+    keep = (np.random.default_rng(7).random(x.shape) >= 0.5) / 0.5          # the mask the layer will draw
+    expected = x @ w.T + b + 2.0 * ((x * keep) @ a.T) @ bb.T
+    assert_close(layer(tl.Tensor(x)).data, expected, 1e-12, "dropout on the bypass")
+
+
+def test_same_seed_same_a_with_or_without_dropout():
+    m1 = apply_lora(base_model(), LoraConfig(dropout=0.0), seed=4)
+    m2 = apply_lora(base_model(), LoraConfig(dropout=0.3), seed=4)
+    for (_, t1), (_, t2) in zip(lora_parameters(m1), lora_parameters(m2)):
+        np.testing.assert_array_equal(t1.data, t2.data)

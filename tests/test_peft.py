@@ -284,3 +284,31 @@ def test_saving_onto_a_file_is_one_clear_error(base_dir, tmp_path):
     (tmp_path / "adapter").write_text("not a folder")
     with pytest.raises(TinyloraError, match="is a file; an adapter is saved into a folder"):
         save_adapter(with_lora(base_dir), tmp_path / "adapter")
+
+
+def test_use_rslora_must_be_a_json_bool(base_dir, adapter):
+    _, adapter = adapter
+    config = json.loads((adapter / CONFIG_FILE).read_text())
+    write_json(adapter / CONFIG_FILE, config | {"use_rslora": "false"})
+    with pytest.raises(TinyloraError, match="use_rslora must be true or false"):
+        load_adapter(load_model(base_dir), adapter)
+
+
+def test_empty_layers_to_transform_means_every_layer_as_in_peft(base_dir, adapter):
+    _, adapter = adapter
+    config = json.loads((adapter / CONFIG_FILE).read_text())
+    write_json(adapter / CONFIG_FILE, config | {"layers_to_transform": []})
+    assert load_adapter(load_model(base_dir), adapter).lora_config.layers is None
+
+
+def test_loaded_adapter_with_dropout_is_ready_for_inference(base_dir, tmp_path):
+    # load_adapter leaves the model in inference mode (as PEFT does): no dropout, repeatable outputs.
+    model = with_lora(base_dir, dropout=0.3)
+    save_adapter(model, tmp_path / "drop")
+    loaded = load_adapter(load_model(base_dir), tmp_path / "drop")
+    assert not loaded.training
+    np.testing.assert_array_equal(logits(loaded), logits(loaded))
+    ids = [1, 2, 3]
+    loaded.train(True)                                  # even a model left in training mode generates without dropout
+    assert tl.generate(loaded, None, ids, max_tokens=6) == tl.generate(loaded, None, ids, max_tokens=6)
+    assert loaded.training                              # and is given back in the mode it was in

@@ -106,7 +106,7 @@ def test_cli_adapter_info_generate_and_fuse(smollm2_dir, tmp_path, capsys):
     rng = np.random.default_rng(0)
     for name, t in tl.lora_parameters(model):
         if "lora_B" in name:
-            t.data[...] = 0.002 * rng.standard_normal(t.shape)
+            t.data[...] = 0.02 * rng.standard_normal(t.shape)
     tl.save_adapter(model, tmp_path / "adapter")
     capsys.readouterr()
 
@@ -114,8 +114,11 @@ def test_cli_adapter_info_generate_and_fuse(smollm2_dir, tmp_path, capsys):
     assert "trainable params: 2,442,240 || all params: 136,957,248 || trainable%: 1.7832" in capsys.readouterr().out
 
     prompt = ["--prompt", "Name three colours.", "--max-tokens", "24"]
+    assert main(["generate", "--model", str(smollm2_dir)] + prompt) == 0
+    base = capsys.readouterr().out.split("==========")[1]
     assert main(["generate", "--model", str(smollm2_dir), "--adapter-path", str(tmp_path / "adapter")] + prompt) == 0
     with_adapter = capsys.readouterr().out.split("==========")[1]
+    assert with_adapter != base                        # the adapter changes the answer, so ignoring it would show
     assert main(["fuse", "--model", str(smollm2_dir), "--adapter-path", str(tmp_path / "adapter"),
                  "--save-path", str(tmp_path / "fused")]) == 0
     assert main(["generate", "--model", str(tmp_path / "fused")] + prompt) == 0

@@ -82,8 +82,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 def _maybe_adapter(model, args: argparse.Namespace) -> None:
     if args.adapter_path:
         from .formats.peft import load_adapter
-        load_adapter(model, args.adapter_path)
-        model.train(False)
+        load_adapter(model, args.adapter_path)              # leaves the model in inference mode
 
 
 def _cmd_gradcheck(args: argparse.Namespace) -> int:

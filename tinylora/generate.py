@@ -93,6 +93,16 @@ def stream_generate(model, prompt_ids: list[int], max_tokens: int = 100, tempera
     rng = np.random.default_rng(seed)
     stats = stats if stats is not None else GenerationStats()
     cache = KVCache.for_model(model, batch=1, max_length=len(prompt_ids) + max_tokens)
+    was_training = model.training
+    model.train(False)                                     # no dropout while generating
+    try:
+        yield from _decode(model, prompt_ids, max_tokens, temperature, top_k, top_p, rng, stop, stats, cache)
+    finally:
+        model.train(was_training)
+
+
+def _decode(model, prompt_ids, max_tokens, temperature, top_k, top_p, rng, stop, stats, cache) -> Iterator[int]:
+    """stream_generate's loop: prefill, then one token at a time (see the module docstring)."""
     with no_grad():
         start = time.perf_counter()
         h = model.hidden_states(np.array([prompt_ids]), cache=cache)           # prefill (1, T, C)

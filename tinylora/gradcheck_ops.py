@@ -25,7 +25,7 @@ from .ops.dropout import Dropout, dropout
 from .ops.elementwise import Add, Mul, SiLU
 from .ops.embedding import Embedding, embedding
 from .ops.linear import Linear, MatMul, linear
-from .ops.lora import LoRALinear
+from .ops.lora import LoraLinearFn
 from .ops.reduce import Mean, Softmax, Sum
 from .ops.rmsnorm import RMSNorm, rms_norm
 from .ops.rope import RoPE, rope, rope_inv_freq, rope_tables
@@ -75,7 +75,7 @@ def _lora_case(rng):
     # B is non-zero: with B = 0 (LoRA's start) dA would be exactly zero and the check vacuous.
     w, bias = Tensor(rng.standard_normal((4, 5))), Tensor(rng.standard_normal(4))
     keep = (rng.random((2, 3, 5)) >= 0.25) / 0.75
-    return ((lambda x, a, b: LoRALinear.apply(x, w, a, b, bias, scale=1.5, keep=keep)),
+    return ((lambda x, a, b: LoraLinearFn.apply(x, w, a, b, bias, scale=1.5, keep=keep)),
             [_t(rng, 2, 3, 5), _t(rng, 2, 5), _t(rng, 4, 2)], ["x", "A", "B"])
 
 
@@ -91,7 +91,7 @@ CASES: list[OpCase] = [
     OpCase("matmul (batched)", (MatMul,), lambda r: (lambda a, b: a @ b, [_t(r, 2, 3, 5), _t(r, 5, 4)], ["a", "b"])),
     OpCase("linear + bias", (Linear,),
            lambda r: (lambda x, w, b: linear(x, w, b), [_t(r, 2, 3, 5), _t(r, 4, 5), _t(r, 4)], ["x", "W", "b"])),
-    OpCase("lora linear (dropout)", (LoRALinear,), _lora_case),
+    OpCase("lora linear (dropout)", (LoraLinearFn,), _lora_case),
     OpCase("reshape", (Reshape,), lambda r: (lambda x: x.reshape(6, 4), [_t(r, 2, 3, 4)], ["x"])),
     OpCase("transpose", (Transpose,), lambda r: (lambda x: x.transpose(1, 2, 0), [_t(r, 2, 3, 4)], ["x"])),
     OpCase("slice", (Slice,), lambda r: (lambda x: x[:, 1:, ::2], [_t(r, 2, 3, 5)], ["x"])),

@@ -26,7 +26,7 @@ import numpy as np
 from .errors import TinyloraError
 from .nn import Linear, Module
 from .ops.linear import widen_bf16
-from .ops.lora import LoRALinear
+from .ops.lora import LoraLinearFn
 from .tensor import Tensor
 
 # The seven projections of a Qwen2/Llama decoder layer, where each lives, in PEFT's order of a layer.
@@ -68,8 +68,9 @@ class LoraConfig:
                                     f"{', '.join(TARGETS)} (or 'all-linear'); lm_head is never adapted")
         if self.layers is not None:
             self.layers = sorted({int(i) for i in self.layers})
-            if any(i < 0 for i in self.layers):
-                raise TinyloraError(f"LoRA layers must be indices >= 0, got {self.layers}")
+            if not self.layers or any(i < 0 for i in self.layers):
+                raise TinyloraError(f"LoRA layers must be a non-empty list of indices >= 0 (or None for all), "
+                                    f"got {self.layers}")
 
     @property
     def targets(self) -> list[str]:
@@ -83,7 +84,10 @@ class LoraConfig:
 
 
 class LoraLinear(Module):
-    """x (..., in) -> base_layer(x) + scale · drop(x) Aᵀ Bᵀ (..., out); only A and B train."""
+    """x (..., in) -> base_layer(x) + scale · drop(x) Aᵀ Bᵀ (..., out); only A and B train.
+
+    The five-line math of the forward and of dA, dB, dx is in tinylora/ops/lora.py, next to the code.
+    """
 
     def __init__(self, base_layer: Linear, lora_a: np.ndarray, lora_b: np.ndarray, scale: float,
                  dropout: float = 0.0, rng: np.random.Generator | None = None):
@@ -92,6 +96,8 @@ class LoraLinear(Module):
         self.lora_B = Linear(Tensor(lora_b, requires_grad=True))        # weight (out, R)
         self.scale = scale
         self.dropout = dropout
+        if dropout > 0.0 and rng is None:
+            raise ValueError("LoraLinear with dropout > 0 needs an np.random.Generator for its masks")
         self.rng = rng                                                  # draws the dropout masks
 
     @property
@@ -106,7 +112,7 @@ class LoraLinear(Module):
         inputs = [x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight]
         if self.base_layer.bias is not None:
             inputs.append(self.base_layer.bias)
-        return LoRALinear.apply(*inputs, scale=self.scale, keep=keep)
+        return LoraLinearFn.apply(*inputs, scale=self.scale, keep=keep)
 
     def delta_weight(self) -> np.ndarray:
         """ΔW = scale · B A (out, in), in A's dtype."""
@@ -126,7 +132,10 @@ def apply_lora(model: Module, config: LoraConfig, seed: int = 0) -> Module:
     if any(i >= n_layers for i in layers):
         raise TinyloraError(f"LoRA layer {max(layers)} out of range: the model has {n_layers} layers "
                             f"(0-{n_layers - 1})")
-    rng = np.random.default_rng(seed)
+    # Two independent streams from one seed: A's init, and the dropout masks (one generator per layer),
+    # so the same seed gives the same A whether dropout is on or off.
+    init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
+    rng = np.random.default_rng(init_seq)
     std = config.init_std if config.init_std is not None else 1.0 / config.r
     dtype = model.dtype
     for i in layers:
@@ -136,7 +145,7 @@ def apply_lora(model: Module, config: LoraConfig, seed: int = 0) -> Module:
             base = getattr(parent, name)
             a = (std * rng.standard_normal((config.r, base.in_features))).astype(dtype)   # (R, in)
             b = np.zeros((base.out_features, config.r), dtype=dtype)                      # (out, R)
-            dropout_rng = np.random.default_rng(rng.integers(2 ** 63)) if config.dropout > 0 else None
+            dropout_rng = np.random.default_rng(dropout_seq.spawn(1)[0]) if config.dropout > 0 else None
             setattr(parent, name, LoraLinear(base, a, b, config.scale, config.dropout, dropout_rng))
     model.lora_config = config
     return model

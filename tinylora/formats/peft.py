@@ -143,6 +143,7 @@ def load_adapter(model, folder: str | os.PathLike):
     apply_lora(model, config)
     for name, param in lora_parameters(model):
         param.data = np.ascontiguousarray(tensors[name], dtype=model.dtype)
+    model.train(False)       # ready for inference, as PEFT's from_pretrained; call train() to fine-tune further
     return model
 
 
@@ -196,9 +197,11 @@ def read_adapter_config(path: Path, n_layers: int) -> LoraConfig:
     layers = raw.get("layers_to_transform")
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]                                   # PEFT accepts a single index
+    if layers == []:
+        layers = None                                       # and reads an empty list as "every layer"
     if layers is not None:
-        if not (isinstance(layers, list) and layers and all(type(i) is int for i in layers)):
-            raise refuse("layers_to_transform", "expected null or a non-empty list of layer indices")
+        if not (isinstance(layers, list) and all(type(i) is int for i in layers)):
+            raise refuse("layers_to_transform", "expected null or a list of layer indices")
         if not all(0 <= i < n_layers for i in layers):
             raise refuse("layers_to_transform", f"out of range: the model has {n_layers} layers "
                                                 f"(0-{n_layers - 1})")
@@ -213,7 +216,7 @@ def read_adapter_config(path: Path, n_layers: int) -> LoraConfig:
         raise refuse("target_modules", "expected a non-empty list of module names or 'all-linear'")
     try:
         return LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
-                          target_modules=targets, use_rslora=bool(raw.get("use_rslora", False)), layers=layers)
+                          target_modules=targets, use_rslora=raw.get("use_rslora", False), layers=layers)
     except TinyloraError as e:
         raise TinyloraError(f"{path}: {e}") from None
 

@@ -20,7 +20,7 @@ zero until B moves away from zero: B learns first, then A.
 The bypass costs 2·R·(in + out) FLOPs per token against 2·in·out for W:
 for R = 8 and a 576×576 projection that is under 3 % more work. The module
 that owns A and B, and the scale s = alpha/R (or alpha/√R with rsLoRA), is
-`LoraLinear` in tinylora/lora.py.
+`LoraLinear` in tinylora/lora.py (this op is `LoraLinearFn`: the Function, not the module).
 """
 
 import numpy as np
@@ -29,12 +29,12 @@ from ..kernels import matmul as matmul_kernels
 from ..tensor import Function
 
 
-class LoRALinear(Function):
+class LoraLinearFn(Function):
     """x (..., in), W (out, in), A (R, in), B (out, R), [bias (out,)] -> (..., out)"""
 
     def forward(self, x, w, lora_a, lora_b, bias=None, *, scale: float, keep=None):
         if self.needs_input_grad[1]:
-            raise TypeError("LoRALinear: the base weight must be frozen (requires_grad False)")
+            raise TypeError("LoraLinearFn: the base weight must be frozen (requires_grad False)")
         c_in = w.shape[1]
         x2 = np.ascontiguousarray(x.reshape(-1, c_in))                 # (N, in)
         if keep is not None:
@@ -63,4 +63,4 @@ class LoRALinear(Function):
             db = scale * (dy2.T @ u)                                    # (out, R)  s · dyᵀ u
         if len(self.needs_input_grad) > 4 and self.needs_input_grad[4]:
             dbias = dy2.sum(axis=0)
-        return (dx, None, da, db) if len(self.needs_input_grad) == 4 else (dx, None, da, db, dbias)
+        return (dx, None, da, db, dbias)[:len(self.needs_input_grad)]   # no dbias slot without a bias
