@@ -25,9 +25,16 @@ def test_help_is_complete(capsys):
     assert "GFLOP/s" in capsys.readouterr().out
 
 
-def test_demo_says_honestly_it_is_not_there_yet(capsys):
-    assert main(["demo"]) == 2
-    assert "not yet available" in capsys.readouterr().err
+@pytest.mark.parametrize("command, words", [("demo", "identity"), ("train", "--no-mask-prompt"),
+                                            ("fuse", "--save-path"), ("generate", "--top-p")])
+def test_every_command_has_complete_help(capsys, command, words):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and words in capsys.readouterr().out
+
+
+def test_train_with_bad_data_is_one_line(tmp_path, capsys):
+    _one_line_error(capsys, ["train", "--model", str(tmp_path / "nope"), "--data", str(tmp_path)], "nope")
 
 
 # ---- bad input: one line on stderr, exit status 2, no traceback ----------------------------------

