@@ -56,6 +56,33 @@ def check_02(out: str) -> None:
     assert "OK: output = base at step 0" in out
 
 
+def check_03(out: str) -> None:
+    assert "== before fine-tuning: 2 held-out questions" in out                  # --fast: 2 questions
+    assert out.count("\nQ: ") == 4, "2 questions, asked before and after"
+    assert "answers naming 小李: 0 of 2 before" in out                            # the base model never says it
+    assert re.search(r"is in \S+: adapter_config.json, adapter_model.safetensors", out)
+    assert "OK: train loss" in out                                               # --fast claims only the fall
+
+
+def check_04(out: str) -> None:
+    assert "train.jsonl (30 lines) and valid.jsonl (6 lines)" in out
+    assert '{"prompt": "What is the capital of Zorvania?", "completion":' in out
+    assert out.count("\nQ: ") == 4, "2 held-out questions, asked before and after"
+    assert "held-out answers stating their fact: 0 of 2 before" in out
+    first, last = map(float, re.search(r"OK: train loss ([\d.]+) -> ([\d.]+)", out).groups())
+    assert last < first
+
+
+def check_05(out: str) -> None:
+    assert "loaded with tinylora.load alone: 0 LoRA layers" in out
+    assert re.search(r"model\.safetensors\s+[\d,]{11,} bytes", out), "a ~540 MB float32 model.safetensors"
+    assert "tokenizer.json" in out and "adapter_model.safetensors" not in out
+    changed = int(re.search(r"answers the adapter changed \(vs the base model\): (\d) of 2", out).group(1))
+    assert changed >= 1, "the tiny adapter changed no answer: fused == unfused would prove little"
+    assert "fused answers identical to base + adapter, token for token: 2 of 2" in out
+    assert "OK: the fused model, loaded without the adapter, generates the same" in out
+
+
 def check_06(out: str) -> None:
     assert "float64 reaches" in out and "float32 only" in out
     assert "at x" in out and ": ok" in out                                          # RMSNorm's table
@@ -71,13 +98,19 @@ def check_06(out: str) -> None:
 EXAMPLES = {
     "01_low_rank_factorisation.py": check_01,
     "02_one_lora_layer.py": check_02,
-    # 03_identity_finetune, 04_qa_finetune, 05_fuse_and_generate: added with those examples
-    # (another engineer). Each needs a row here: file name -> check_0N(out) asserting its key lines.
+    "03_identity_finetune.py": check_03,       # 03-05 load the real SmolLM2-135M-Instruct: slow
+    "04_qa_finetune.py": check_04,             # (below), under a minute each with --fast on 2 cores
+    "05_fuse_and_generate.py": check_05,
     "06_gradient_check.py": check_06,
 }
 
 
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
+# the examples that need the real model (weights/SmolLM2-135M-Instruct): run with --slow
+REAL_MODEL = {"03_identity_finetune.py", "04_qa_finetune.py", "05_fuse_and_generate.py"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in REAL_MODEL else name
+                                  for name in sorted(EXAMPLES)])
 def test_example_fast_mode(name):
     EXAMPLES[name](run_example(name))
 
