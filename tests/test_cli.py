@@ -33,8 +33,9 @@ def test_every_command_has_complete_help(capsys, command, words):
     assert e.value.code == 0 and words in capsys.readouterr().out
 
 
-def test_train_with_bad_data_is_one_line(tmp_path, capsys):
-    _one_line_error(capsys, ["train", "--model", str(tmp_path / "nope"), "--data", str(tmp_path)], "nope")
+def test_train_checks_the_data_before_loading_the_model(tmp_path, capsys):
+    # the model path is bad too, but the data is read first: a bad line fails fast, not after a slow load
+    _one_line_error(capsys, ["train", "--model", str(tmp_path / "nope"), "--data", str(tmp_path)], "no train.jsonl")
 
 
 # ---- bad input: one line on stderr, exit status 2, no traceback ----------------------------------

@@ -13,7 +13,8 @@ from tinylora.errors import TinyloraError
 from tinylora.formats.peft import load_adapter
 from tinylora.model import CausalLM, random_state_dict
 from tinylora.tokenizer import Tokenizer
-from tinylora.trainer import TrainConfig, train
+from tinylora.data import encode_split, load_dataset
+from tinylora.trainer import TrainConfig, evaluate, train
 
 QUESTIONS = ["Who are you?", "What is your name?", "Introduce yourself.", "Who made you?", "你是谁？",
              "Tell me about you.", "What should I call you?", "Who built you?"]
@@ -65,9 +66,11 @@ def test_training_lowers_the_loss_and_saves_everything(tok, data, tmp_path):
     load_adapter(tiny_model(tok), out)                           # the saved adapter loads back
 
 
-def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(tok, data, tmp_path, monkeypatch):
-    # dropout on, grad accumulation on, cosine schedule: everything that carries state across steps
-    kw = dict(dropout=0.1, grad_accum=2, lr_schedule="cosine", warmup=2)
+@pytest.mark.parametrize("report_every", [1, 3], ids=["report every step", "report windows across the kill"])
+def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(tok, data, tmp_path, monkeypatch, report_every):
+    # dropout on, grad accumulation on, cosine schedule: everything that carries state across steps;
+    # reports every 3 steps put a report window across the checkpoint at step 8.
+    kw = dict(dropout=0.1, grad_accum=2, lr_schedule="cosine", warmup=2, steps_per_report=report_every)
     full = tmp_path / "full"
     train(config(data, full, **kw), tiny_model(tok), tok, progress=False, log=lambda *a: None)
 
@@ -87,7 +90,26 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(tok, data, tmp_
     assert json.loads((killed / "checkpoint" / "trainer_state.json").read_text())["step"] == 8
 
     train(config(data, killed, resume=True, **kw), tiny_model(tok), tok, progress=False, log=lambda *a: None)
-    assert step_losses(killed) == step_losses(full)              # bit for bit, steps 1..12
+    assert step_losses(killed) == step_losses(full)              # bit for bit, every report line
+
+
+def test_resume_refuses_a_missing_checkpoint_and_changed_settings(tok, data, tmp_path):
+    with pytest.raises(TinyloraError, match="--resume: no checkpoint in"):
+        train(config(data, tmp_path / "ad", resume=True), tiny_model(tok), tok, progress=False, log=lambda *a: None)
+    train(config(data, tmp_path / "ad", iters=4), tiny_model(tok), tok, progress=False, log=lambda *a: None)
+    with pytest.raises(TinyloraError, match="--resume: rank was 4 in the checkpointed run, now 2"):
+        train(config(data, tmp_path / "ad", iters=4, rank=2, resume=True), tiny_model(tok), tok, progress=False,
+              log=lambda *a: None)
+
+
+def test_test_and_early_stop_need_their_files(tok, data, tmp_path):
+    (data / "test.jsonl").unlink()
+    with pytest.raises(TinyloraError, match="--test: .* has no test.jsonl"):
+        train(config(data, tmp_path / "ad", test=True), tiny_model(tok), tok, progress=False, log=lambda *a: None)
+    (data / "valid.jsonl").unlink()
+    with pytest.raises(TinyloraError, match="--early-stop needs validation data"):
+        train(config(data, tmp_path / "ad", early_stop=2), tiny_model(tok), tok, progress=False, log=lambda *a: None)
+    assert not (tmp_path / "ad").exists()
 
 
 def test_early_stop_keeps_the_best_adapter(tok, data, tmp_path):
@@ -96,7 +118,13 @@ def test_early_stop_keeps_the_best_adapter(tok, data, tmp_path):
     result = train(config(data, out, iters=60, learning_rate=0.5, steps_per_eval=2, early_stop=2), tiny_model(tok),
                    tok, progress=False, log=lambda *a: None)
     assert result.stopped_early and result.steps < 60
-    assert (out / "best" / "adapter_model.safetensors").is_file()
+    best = load_adapter(tiny_model(tok), out / "best")           # the best adapter really is the best one
+    valid = encode_split(load_dataset(data)["valid"], tok)
+    assert evaluate(best, valid, 2, -1) == pytest.approx(result.best_val, rel=1e-5)
+    assert result.best_val == min(v for _, v in result.val_losses)
+    again = train(config(data, out, iters=60, learning_rate=0.5, steps_per_eval=2, early_stop=2, resume=True),
+                  tiny_model(tok), tok, progress=False, log=lambda *a: None)
+    assert again.steps == result.steps                           # a finished run resumes to nothing
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_checkpoint(tok, data, tmp_path, monkeypatch):

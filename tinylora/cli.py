@@ -117,6 +117,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .data import load_dataset
     from .loading import load
     from .trainer import TrainConfig, train
     targets = "all-linear" if args.targets == ["all-linear"] else args.targets
@@ -129,10 +130,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         mask_prompt=args.mask_prompt, steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
         val_batches=args.val_batches, save_every=args.save_every, resume=args.resume, early_stop=args.early_stop,
         test=args.test, seed=args.seed)
+    load_dataset(args.data)                      # a bad line fails here, before the slow model load
     model, tok = load(args.model, dtype=args.dtype)
     result = train(config, model, tok)
     print(f"done: {result.steps} steps; adapter in {args.adapter_path}/"
-          + (f", best validation loss {result.best_val:.3f} in {args.adapter_path}/best/" if result.best_val else ""))
+          + (f", best validation loss {result.best_val:.3f} in {args.adapter_path}/best/"
+             if result.best_val is not None else ""))
     return 0
 
 

@@ -285,6 +285,16 @@ def lr_at(step: int, base_lr: float, total_steps: int, schedule: str = "cosine",
 # Gradients: clipping and scaling
 # --------------------------------------------------------------------------
 
+def grad_norm(params: Params) -> float:
+    """The global L2 norm of all gradients, √(Σ g²), summed in float64 (None gradients skipped)."""
+    sum_sq = 0.0
+    for _, p in params:
+        if p.grad is not None:
+            flat = p.grad.astype(np.float64, copy=False).ravel()
+            sum_sq += float(flat @ flat)
+    return math.sqrt(sum_sq)
+
+
 def clip_grad_norm(params: Params, max_norm: float) -> float:
     """Scale all gradients together so their global L2 norm is at most max_norm; return the norm before.
 
@@ -298,12 +308,7 @@ def clip_grad_norm(params: Params, max_norm: float) -> float:
     """
     if not (math.isfinite(max_norm) and max_norm > 0):
         raise TinyloraError(f"gradient clipping: max norm must be a finite number > 0, got {max_norm}")
-    grads = [p.grad for _, p in params if p.grad is not None]
-    sum_sq = 0.0
-    for g in grads:
-        flat = g.astype(np.float64, copy=False).ravel()
-        sum_sq += float(flat @ flat)
-    norm = math.sqrt(sum_sq)
+    norm = grad_norm(params)
     if not math.isfinite(norm):
         return norm
     coef = max_norm / (norm + 1e-6)

@@ -3,7 +3,8 @@
 One optimiser step:
 
     for each of grad_accum micro-batches:   loss = model.loss(ids, labels, mask);  loss.backward()
-    g ← g / grad_accum                      (the mean over micro-batches)
+    g ← g / grad_accum                      (the mean of the micro-batches' mean losses, as mlx-lm;
+                                             each micro-batch weighs the same, whatever its token count)
     clip g to a global L2 norm of grad_clip
     AdamW update of every A and B at the scheduled learning rate;  g ← None
 
@@ -36,7 +37,7 @@ from .errors import TinyloraError
 from .formats.files import atomic_folder, write_json
 from .formats.peft import load_adapter, save_adapter
 from .lora import LoraConfig, apply_lora, lora_layers, lora_parameters
-from .optim import AdamW, LRSchedule, clip_grad_norm, scale_grads
+from .optim import AdamW, LRSchedule, clip_grad_norm, grad_norm, scale_grads
 from .report import TrainLog, plot_loss_curve, progress_bar, train_line, val_line
 from .tensor import no_grad
 
@@ -145,15 +146,23 @@ def train(config: TrainConfig, model, tokenizer, progress: bool = True, log=prin
     else:
         total = config.iters or 1000
 
+    if config.test and "test" not in data:
+        raise TinyloraError(f"--test: {config.data} has no test.jsonl")
+    if config.early_stop and val_data is None:
+        raise TinyloraError(f"--early-stop needs validation data: {config.data} has no valid.jsonl")
+
     start, state = 0, {}
-    if config.resume and (out / "checkpoint" / STATE_FILE).is_file():
-        load_adapter(model, out / "checkpoint")
-        state = json.loads((out / "checkpoint" / STATE_FILE).read_text())
+    if config.resume:
+        state = _read_checkpoint_state(out, config)
         start = state["step"]
-        for (_, layer), rng_state in zip(lora_layers(model), state["dropout_rng"]):
+        load_adapter(model, out / "checkpoint")
+        for (_, layer), rng_state in zip(lora_layers(model), state["dropout_rng"], strict=True):
             if layer.rng is not None:
                 layer.rng.bit_generator.state = rng_state
         log(f"resuming from {out / 'checkpoint'} at step {start}")
+        if state.get("stopped_early") or start >= total:
+            log("that run had already finished; nothing to do")
+            return TrainResult(steps=start, best_val=state.get("best_val"), stopped_early=state.get("stopped_early"))
     else:
         apply_lora(model, config.lora(), seed=config.seed)
     model.train(True)
@@ -181,29 +190,34 @@ def train(config: TrainConfig, model, tokenizer, progress: bool = True, log=prin
         bar.write(val_line(step, loss, time.perf_counter() - t0))
         if result.best_val is None or loss < result.best_val:
             result.best_val, evals_without_best = loss, 0
-            if step > 0:
-                with atomic_folder(out / "best", overwrite=True) as folder:
-                    save_adapter(model, folder)
+            with atomic_folder(out / "best", overwrite=True) as folder:      # at step 0: the base model (B = 0)
+                save_adapter(model, folder)
         else:
             evals_without_best += 1
 
     def checkpoint(step: int) -> None:
-        save_adapter(model, out)
+        # checkpoint/ first: a kill before the top-level copy leaves them one save apart, never the other way
         with atomic_folder(out / "checkpoint", overwrite=True) as folder:
             save_adapter(model, folder)
             optimizer.save(folder)
             write_json(folder / STATE_FILE, {
                 "step": step, "best_val": result.best_val, "evals_without_best": evals_without_best,
+                "stopped_early": result.stopped_early, "window": window,
                 "dropout_rng": [layer.rng.bit_generator.state if layer.rng is not None else None
                                 for _, layer in lora_layers(model)],
                 "log": log_file.entries, "config": asdict(config)})
+        save_adapter(model, out)
 
     batches = iterate_batches(train_data, config.batch_size, seed=config.seed, start_step=start * config.grad_accum,
                               group_by_length=config.group_by_length)
     bar = progress_bar(total, start, progress)
     if start == 0:
         validate(0)
-    window_loss, window_tokens, window_start, trained_tokens = 0.0, 0, time.perf_counter(), 0
+    # The report window: steps, summed loss and tokens since the last report line, and the running
+    # total of trained tokens. Saved with each checkpoint, so a resumed run reports what the
+    # uninterrupted one would have (only the timing starts afresh).
+    window = state.get("window") or {"steps": 0, "loss": 0.0, "tokens": 0, "trained_tokens": 0}
+    window_start = time.perf_counter()
     for step in range(start + 1, total + 1):
         step_loss = 0.0
         for _ in range(config.grad_accum):
@@ -214,27 +228,30 @@ def train(config: TrainConfig, model, tokenizer, progress: bool = True, log=prin
                 _stop(bar, step, f"the loss is {value}", out)
             loss.backward()
             step_loss += value / config.grad_accum
-            window_tokens += count_targets(batch.labels)
+            window["tokens"] += count_targets(batch.labels)
         if config.grad_accum > 1:
             scale_grads(params, 1.0 / config.grad_accum)
-        norm = clip_grad_norm(params, config.grad_clip) if config.grad_clip else 0.0
+        norm = clip_grad_norm(params, config.grad_clip) if config.grad_clip else grad_norm(params)
         if not math.isfinite(norm):
             _stop(bar, step, f"the gradient norm is {norm}", out)
         optimizer.step(lr=schedule(step))
         optimizer.zero_grad()
-        window_loss += step_loss
+        window["steps"] += 1
+        window["loss"] += step_loss
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{schedule(step):.2e}")
+        elapsed = time.perf_counter() - window_start
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{schedule(step):.2e}",
+                        tok_s=f"{window['tokens'] / elapsed:.0f}" if elapsed > 0 else "-")
         if step % config.steps_per_report == 0 or step == total:
-            n = step - max(start, (step - 1) // config.steps_per_report * config.steps_per_report)
-            elapsed = time.perf_counter() - window_start
-            trained_tokens += window_tokens
-            log_file.add(step=step, kind="train", loss=window_loss / n, lr=schedule(step),
-                         tokens_per_sec=window_tokens / elapsed)
-            result.train_losses.append((step, window_loss / n))
-            bar.write(train_line(step, window_loss / n, schedule(step), n / elapsed, window_tokens / elapsed,
-                                 trained_tokens))
-            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            n, mean_loss = window["steps"], window["loss"] / window["steps"]
+            window["trained_tokens"] += window["tokens"]
+            log_file.add(step=step, kind="train", loss=mean_loss, lr=schedule(step),
+                         tokens_per_sec=window["tokens"] / elapsed)
+            result.train_losses.append((step, mean_loss))
+            bar.write(train_line(step, mean_loss, schedule(step), n / elapsed, window["tokens"] / elapsed,
+                                 window["trained_tokens"]))
+            window.update(steps=0, loss=0.0, tokens=0)
+            window_start = time.perf_counter()
         if step % config.steps_per_eval == 0 or step == total:
             validate(step)
         result.steps = step
@@ -243,7 +260,7 @@ def train(config: TrainConfig, model, tokenizer, progress: bool = True, log=prin
         if config.early_stop and evals_without_best >= config.early_stop:
             bar.write(f"Iter {step}: no better validation loss in {config.early_stop} evaluations: stopping")
             result.stopped_early = True
-            checkpoint(step)
+            checkpoint(step)            # records stopped_early: a --resume then has nothing left to do
             break
     bar.close()
     if config.test and "test" in data:
@@ -256,6 +273,26 @@ def train(config: TrainConfig, model, tokenizer, progress: bool = True, log=prin
         log(note)
     model.train(False)
     return result
+
+
+# The settings that shape a run's trajectory: resuming with any of them changed would not continue
+# the same run, so it is refused rather than silently ignored or half-applied.
+_MUST_MATCH = ("data", "rank", "alpha", "dropout", "targets", "rslora", "layers", "batch_size", "iters", "epochs",
+               "learning_rate", "lr_schedule", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "grad_accum",
+               "max_seq_length", "mask_prompt", "seed", "group_by_length")
+
+
+def _read_checkpoint_state(out: Path, config: TrainConfig) -> dict:
+    path = out / "checkpoint" / STATE_FILE
+    if not path.is_file():
+        raise TinyloraError(f"--resume: no checkpoint in {out / 'checkpoint'} (train without --resume to start)")
+    state = json.loads(path.read_text(encoding="utf-8"))
+    saved, now = state.get("config", {}), asdict(config)
+    for key in _MUST_MATCH:
+        if saved.get(key) != now[key]:
+            raise TinyloraError(f"--resume: {key} was {saved.get(key)!r} in the checkpointed run, now {now[key]!r}; "
+                                "resume with the same settings (or start a new --adapter-path)")
+    return state
 
 
 def _stop(bar, step: int, what: str, out: Path) -> None:
