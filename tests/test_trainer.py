@@ -155,3 +155,11 @@ def test_bad_settings_are_one_line_errors(tok, data, tmp_path, kw, message):
     with pytest.raises(TinyloraError, match=message):
         train(config(data, tmp_path / "ad", **kw), tiny_model(tok), tok, progress=False, log=lambda *a: None)
     assert not (tmp_path / "ad").exists()
+
+
+def test_a_corrupt_trainer_state_is_one_line_naming_the_file(tok, data, tmp_path):
+    train(config(data, tmp_path / "ad", iters=4), tiny_model(tok), tok, progress=False, log=lambda *a: None)
+    (tmp_path / "ad" / "checkpoint" / "trainer_state.json").write_text("{broken")
+    with pytest.raises(TinyloraError, match=r"trainer_state\.json: malformed JSON"):
+        train(config(data, tmp_path / "ad", iters=4, resume=True), tiny_model(tok), tok, progress=False,
+              log=lambda *a: None)

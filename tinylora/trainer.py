@@ -24,17 +24,15 @@ dropout generators' states and the optimizer moments are saved with it.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from .data import batches_per_epoch, count_targets, encode_split, iterate_batches, load_dataset
 from .errors import TinyloraError
-from .formats.files import atomic_folder, write_json
+from .formats.files import atomic_folder, read_json, write_json
 from .formats.peft import load_adapter, save_adapter
 from .lora import LoraConfig, apply_lora, lora_layers, lora_parameters
 from .optim import AdamW, LRSchedule, clip_grad_norm, grad_norm, scale_grads
@@ -286,7 +284,7 @@ def _read_checkpoint_state(out: Path, config: TrainConfig) -> dict:
     path = out / "checkpoint" / STATE_FILE
     if not path.is_file():
         raise TinyloraError(f"--resume: no checkpoint in {out / 'checkpoint'} (train without --resume to start)")
-    state = json.loads(path.read_text(encoding="utf-8"))
+    state = read_json(path)                      # a corrupt file is one line naming it, not a traceback
     saved, now = state.get("config", {}), asdict(config)
     for key in _MUST_MATCH:
         if saved.get(key) != now[key]:

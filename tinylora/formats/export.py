@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TinyloraError
-from ..kernels.matmul import bf16_to_f32, is_bf16
 from ..lora import lora_layers, merge
+from ..ops.linear import widen_bf16
 from .files import atomic_folder, read_json, write_json
 from .hub import TOKENIZER_AND_GENERATION_FILES
 from .safetensors import SINGLE_FILE, write_safetensors
@@ -47,7 +47,7 @@ def state_dict(model) -> dict[str, np.ndarray]:
     tensors = {}
     for name, t in model.named_parameters():
         a = t.data
-        tensors[name] = bf16_to_f32(np.ascontiguousarray(a)) if is_bf16(a) else a
+        tensors[name] = widen_bf16(a)
     return tensors
 
 
