@@ -117,19 +117,24 @@ def test_cross_entropy(dtype, N, V):
     z = (rng.standard_normal((N, V)) * 4).astype(dtype)
     labels = rng.integers(0, V, N)
     labels[::3] = -100
-    loss, lse = ce.cross_entropy_forward(z, labels, -100)
     loss_ref, dz_ref = ref_cross_entropy(z.astype(np.float64), labels, -100)
+    z0 = z.copy()
+    loss, lse = ce.cross_entropy_rows(z, labels, -100, False)
+    np.testing.assert_array_equal(z, z0)                      # without grad the logits are only read
     assert_close(loss, loss_ref, tol_for(dtype), "cross-entropy loss")
-    dz = ce.cross_entropy_backward(z, labels, lse, -100, 1.0)
-    assert dz.dtype == dtype
-    assert_close(dz, dz_ref, tol_for(dtype), "cross-entropy dlogits")
-    assert np.all(dz[labels == -100] == 0) and np.all(loss[labels == -100] == 0)
+    loss2, lse2 = ce.cross_entropy_rows(z, labels, -100, True)  # with grad: z becomes dz in place
+    np.testing.assert_array_equal(loss2, loss)
+    np.testing.assert_array_equal(lse2, lse)
+    assert z.dtype == dtype
+    assert_close(z, dz_ref, tol_for(dtype), "cross-entropy dlogits")
+    assert np.all(z[labels == -100] == 0) and np.all(loss[labels == -100] == 0)
 
 
 def test_cross_entropy_large_logits_do_not_overflow():
     z = np.array([[1000.0, 0.0, -1000.0]], dtype=np.float32)
-    loss, _ = ce.cross_entropy_forward(z, np.array([1]), -100)
+    loss, _ = ce.cross_entropy_rows(z, np.array([1]), -100, True)
     assert_close(loss, [1000.0], 1e-6, "loss of a confident wrong answer")
+    assert_close(z, [[1.0, -1.0, 0.0]], 1e-6, "its gradient")
 
 
 # ---- NaN and inf propagate through every kernel -------------------------------------------------
@@ -159,9 +164,9 @@ def test_nonfinite_inputs_propagate(bad, dtype):
     assert not np.all(np.isfinite(rope.rope_backward(x4, cos, sin)[0, 1]))
 
     labels = np.array([0, 2, 0])                              # row 1 targets the bad logit
-    loss, lse = ce.cross_entropy_forward(x, labels, -100)
+    dz = x.copy()
+    loss, lse = ce.cross_entropy_rows(dz, labels, -100, True)
     assert not np.isfinite(loss[1]) and np.all(np.isfinite(loss[[0, 2]]))
-    dz = ce.cross_entropy_backward(x, labels, lse, -100, 1.0)
     assert np.all(np.isfinite(dz[[0, 2]]))
     if bad != -np.inf:                                        # -inf target: loss inf, softmax row still finite
         assert not np.all(np.isfinite(dz[1]))
@@ -170,6 +175,6 @@ def test_nonfinite_inputs_propagate(bad, dtype):
 def test_cross_entropy_minus_inf_logit_is_a_mask():
     # -inf on a non-target class means "impossible": it gets probability 0, the loss stays finite.
     z = np.array([[0.0, -np.inf, 0.0]])
-    loss, lse = ce.cross_entropy_forward(z, np.array([0]), -100)
+    loss, lse = ce.cross_entropy_rows(z, np.array([0]), -100, True)
     assert_close(loss, [np.log(2.0)], 1e-12, "loss with a masked logit")
-    assert_close(ce.cross_entropy_backward(z, np.array([0]), lse, -100, 1.0), [[-0.5, 0.0, 0.5]], 1e-12, "dz")
+    assert_close(z, [[-0.5, 0.0, 0.5]], 1e-12, "dz")

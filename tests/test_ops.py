@@ -5,18 +5,20 @@ import pkgutil
 
 import numpy as np
 import pytest
-from helpers import GRAD_RTOL, assert_close, assert_gradcheck
+from helpers import GRAD_RTOL, assert_close, assert_gradcheck, tol_for
 
 import tinylora.ops
 from tinylora.gradcheck_ops import CASES, check_case
-from tinylora.ops.cross_entropy import cross_entropy
+from tinylora.kernels.matmul import bf16_to_f32, f32_to_bf16
+from tinylora.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from tinylora.ops.dropout import dropout
 from tinylora.ops.embedding import embedding
 from tinylora.ops.reduce import Softmax
 from tinylora.ops.rmsnorm import rms_norm
 from tinylora.ops.rope import rope, rope_inv_freq, rope_tables
 from tinylora.ops.shape import concat
-from tinylora.tensor import Function, Tensor
+from tinylora.ops.linear import linear
+from tinylora.tensor import Function, Tensor, no_grad
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -74,6 +76,47 @@ def test_cross_entropy_with_nothing_counted_is_nan_like_pytorch():
 def test_cross_entropy_rejects_labels_outside_vocab():
     with pytest.raises(IndexError, match="label 5 outside the vocabulary of 5"):
         cross_entropy(Tensor(np.zeros((2, 5))), np.array([1, 5]))
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_linear_cross_entropy_equals_linear_then_cross_entropy(dtype, chunk_rows):
+    """The fused lm_head + loss gives the unfused value and gradients, whatever the block size."""
+    rng = np.random.default_rng(1)
+    h0, w0 = rng.standard_normal((2, 4, 6)).astype(dtype), rng.standard_normal((9, 6)).astype(dtype)
+    labels = np.array([[1, -100, 4, 8], [-100, -100, 0, 2]])
+    results = []
+    for fused in (True, False):
+        h, w = Tensor(h0.copy(), requires_grad=True), Tensor(w0.copy(), requires_grad=True)
+        loss = (linear_cross_entropy(h, w, labels, chunk_rows=chunk_rows) if fused
+                else cross_entropy(linear(h, w), labels))
+        (loss * 2.5).backward()                               # a non-unit upstream gradient
+        results.append((loss.item(), h.grad, w.grad))
+    tol = tol_for(dtype)
+    for name, a, b in zip(["loss", "dh", "dw"], *results):
+        assert_close(a, b, tol, f"fused {name}")
+    assert np.all(results[0][1][labels == -100] == 0)         # ignored rows: no gradient
+
+
+def test_linear_cross_entropy_frozen_bf16_weight_and_no_grad():
+    rng = np.random.default_rng(2)
+    h0 = rng.standard_normal((5, 8)).astype(np.float32)
+    w32 = rng.standard_normal((7, 8)).astype(np.float32)
+    bits = f32_to_bf16(w32)
+    labels = np.array([0, 6, -100, 3, 3])
+    h = Tensor(h0, requires_grad=True)
+    loss = linear_cross_entropy(h, Tensor(bits), labels)
+    loss.backward()
+    h_ref = Tensor(h0, requires_grad=True)
+    ref = cross_entropy(linear(h_ref, Tensor(bf16_to_f32(bits))), labels)
+    ref.backward()
+    assert_close(loss.item(), ref.item(), 1e-5, "loss with bf16 weight")
+    assert_close(h.grad, h_ref.grad, 1e-5, "dh with bf16 weight")
+    with no_grad():
+        assert_close(linear_cross_entropy(Tensor(h0), Tensor(bits), labels).item(), ref.item(), 1e-5, "no-grad loss")
+    assert np.isnan(linear_cross_entropy(Tensor(h0), Tensor(w32), np.full(5, -100)).item())
+    with pytest.raises(IndexError, match="label 7 outside the vocabulary of 7"):
+        linear_cross_entropy(Tensor(h0), Tensor(w32), np.array([0, 1, 2, 3, 7]))
 
 
 # ---- embedding -----------------------------------------------------------------------------------

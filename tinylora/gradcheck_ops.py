@@ -20,7 +20,7 @@ import numpy as np
 
 from .gradcheck import RTOL, GradcheckResult, gradcheck
 from .ops.attention import CausalAttention, attention
-from .ops.cross_entropy import CrossEntropy, cross_entropy
+from .ops.cross_entropy import CrossEntropy, LinearCrossEntropy, cross_entropy, linear_cross_entropy
 from .ops.dropout import Dropout, dropout
 from .ops.elementwise import Add, Mul, SiLU
 from .ops.embedding import Embedding, embedding
@@ -65,6 +65,13 @@ def _cross_entropy_case(rng):
     return (lambda z: cross_entropy(z, labels)), [_t(rng, 7, 11)], ["logits"]
 
 
+def _linear_cross_entropy_case(rng):
+    # blocks of 2 rows, so the 5 counted rows span three blocks; h and W both trainable
+    labels = np.array([3, -100, 0, 10, -100, 7, 2])
+    return ((lambda h, w: linear_cross_entropy(h, w, labels, chunk_rows=2)),
+            [_t(rng, 7, 5), _t(rng, 11, 5)], ["h", "w"])
+
+
 def _dropout_case(rng):
     # the generator is rebuilt on every call, so each evaluation draws the same mask
     return (lambda x: dropout(x, 0.3, np.random.default_rng(7))), [_t(rng, 4, 5)], ["x"]
@@ -107,6 +114,7 @@ CASES: list[OpCase] = [
     OpCase("swiglu", (SwiGLU,), lambda r: (lambda g, u: swiglu(g, u), [_t(r, 2, 3, 5), _t(r, 2, 3, 5)], ["g", "u"])),
     OpCase("attention (GQA, pad, cache)", (CausalAttention,), _attention_case),
     OpCase("cross-entropy (-100)", (CrossEntropy,), _cross_entropy_case),
+    OpCase("lm_head + cross-entropy", (LinearCrossEntropy,), _linear_cross_entropy_case),
     OpCase("dropout (p=0.3)", (Dropout,), _dropout_case),
 ]
 

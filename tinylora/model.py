@@ -28,7 +28,7 @@ from .config import ModelConfig
 from .errors import TinyloraError
 from .nn import Embedding, Linear, Module, RMSNorm
 from .ops.attention import attention
-from .ops.cross_entropy import cross_entropy
+from .ops.cross_entropy import linear_cross_entropy
 from .ops.linear import widen_bf16
 from .ops.rope import rope, rope_inv_freq, rope_tables
 from .ops.swiglu import swiglu
@@ -148,16 +148,16 @@ class CausalLM(Module):
         """input_ids (B, T), labels (B, T) with -100 = not counted -> mean cross-entropy ()
 
         The next-token shift, as transformers does it: the logits at position t
-        are scored against labels[t + 1]. Only the first T - 1 hidden states
-        go through lm_head, so the (B, T, V) logits of the last position are
-        never formed.
+        are scored against labels[t + 1]. lm_head and the cross-entropy are one
+        op (ops/cross_entropy.py): the logits are formed a block of rows at a
+        time and only for positions whose label counts, so the (B, T, V) array
+        never exists. The value equals cross_entropy(lm_head(h)[:, :-1], ...).
         """
         labels = np.asarray(labels)
         if labels.shape != np.shape(input_ids):
             raise TinyloraError(f"labels have shape {labels.shape}, input_ids {np.shape(input_ids)}")
         h = self.hidden_states(input_ids, attention_mask)                       # (B, T, C)
-        logits = self.lm_head(h[:, :-1])                                        # (B, T-1, V)
-        return cross_entropy(logits, labels[:, 1:])                             # ()
+        return linear_cross_entropy(h[:, :-1], self.lm_head.weight, labels[:, 1:])   # () via (B, T-1, V) logits
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod

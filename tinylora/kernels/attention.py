@@ -1,4 +1,4 @@
-"""Causal grouped-query attention kernels (forward and backward), Numba loops.
+"""Causal grouped-query attention kernels (forward and backward): BLAS tiles + Numba rows.
 
 For one query row i and the keys j it may see (causal, not padding):
 
@@ -11,172 +11,201 @@ q (B, T, H, D), k and v (B, S, K, D), out (B, T, H, D), key_mask (B, S).
 
 * Grouped-query attention: the H query heads share K kv heads in groups of
   G = H // K; query head h reads kv head h // G (Ainslie et al., 2023, GQA).
+  The G heads of a group are stacked as rows, q -> (B, K, T*G, D) with row
+  r = t*G + (h mod G), so one (T*G, D) @ (D, S) product per kv head scores
+  all of its query heads at once.
 * KV cache: S >= T, and the first S - T keys are cached past tokens, so query
   t sits at absolute position S - T + t and sees keys j <= S - T + t.
-* Padding: keys with key_mask[b, j] == 0 are skipped, never multiplied by a
-  zero weight, so whatever a padded k or v holds (even NaN) cannot leak in.
+* Padding: keys with key_mask[b, j] == 0 get probability exactly 0, and
+  their k and v rows are replaced by zeros before any product, so whatever a
+  padded k or v holds (even NaN) cannot leak in.
 * A query row with no visible key at all (a left-padded position) outputs
   zeros; its lse is +inf so that exp(s - lse) = 0 for every key and the
   backward gives it exactly zero gradient. Nothing produces a NaN by itself.
+* A future key gets probability exactly 0, so its finite values have no
+  effect at all (the products add exact zeros). As in every attention that
+  multiplies a masked probability matrix, a NaN or inf in a future key's v
+  (or, in the backward, its k) still reaches earlier rows as 0 * NaN = NaN;
+  such a value only comes from a model that has already diverged.
+
+The work is split by what bounds it:
+* The four (rows, D) x (D, keys) products of the forward and backward are
+  dense GEMMs, which OpenBLAS runs near the machine's peak (np.matmul over
+  the batch of kv heads); hand-written Numba loops reach a fraction of that.
+* The row-wise softmax, with its masks, exp and log, is a Numba kernel
+  parallel over rows, done in place on the score tile (`softmax_rows`, and
+  its backward `softmax_rows_backward`).
+Queries go in blocks of Q_BLOCK positions, and block [t0, t1) only scores
+keys 0 .. S - T + t1 - 1, the ones its last query can see: causal attention
+then costs about half of the full (T, S) square, and the score tile is
+bounded by (B, K, Q_BLOCK*G, S) whatever T is.
 
 Like FlashAttention (Dao et al., 2022) the forward keeps only lse per
 (b, t, h), not the (T, S) probability matrix; the backward recomputes each
-p_ij from s_ij and lse_i. A row of S scores lives in a scratch buffer during
-the forward (two passes: find the max, then exponentiate) rather than being
-rescaled online; it is O(S) per thread, never O(T * S).
-
-Dot products and sums are accumulated in float64 whatever the input dtype;
-results are stored in the input's dtype (lse always in float64, it is small).
-Any strided layout works, e.g. a preallocated cache buffer k_cache[:, :S].
-No fastmath: it would let LLVM assume NaN never occurs and turn one into 0.
+tile of p from s and lse. Products run in the input's dtype (float32 BLAS
+accumulates in float32, as PyTorch's does); the softmax's max, sum and log
+are taken in float64, and lse is always float64. No fastmath: it would let
+LLVM assume NaN never occurs and turn one into 0.
 
 The op and its math are in `tinylora/ops/attention.py`; the vectorised NumPy
-reference these loops are tested against is in `tests/test_attention.py`.
+reference these kernels are tested against is in `tests/test_attention.py`.
 """
 
 import numba as nb
 import numpy as np
 
-
-@nb.njit(inline="always", cache=True)
-def _dot(a, b):
-    """a (D,), b (D,) -> sum_d a[d] * b[d], accumulated in float64
-
-    Four partial sums instead of one. Without fastmath the compiler must add
-    in exactly the order written, so a single accumulator is one long chain of
-    dependent additions, each waiting for the previous; four independent
-    chains overlap in the CPU's pipeline (about 15% faster here). The order is
-    still fixed, so results are deterministic.
-    """
-    n = a.shape[0]
-    s0 = s1 = s2 = s3 = 0.0
-    d = 0
-    while d + 4 <= n:
-        s0 += np.float64(a[d]) * b[d]
-        s1 += np.float64(a[d + 1]) * b[d + 1]
-        s2 += np.float64(a[d + 2]) * b[d + 2]
-        s3 += np.float64(a[d + 3]) * b[d + 3]
-        d += 4
-    while d < n:                                # the tail when D is not a multiple of 4
-        s0 += np.float64(a[d]) * b[d]
-        d += 1
-    return (s0 + s1) + (s2 + s3)
+Q_BLOCK = 256      # query positions per tile: bounds the score tile's memory, skips the causal upper half
 
 
 @nb.njit(parallel=True, cache=True)
-def attention_forward(q, k, v, key_mask, scale):
-    """q (B, T, H, D), k (B, S, K, D), v (B, S, K, D), key_mask (B, S), scale
-    -> out (B, T, H, D), lse (B, T, H) float64
+def softmax_rows(s, key_mask, first, G, lse):
+    """s (B, K, R, Sb) scores, in place -> probabilities; key_mask (B, S);
+    first: absolute position of the tile's first query; G: query heads per kv
+    head -> fills lse (B, K, R) float64
 
-    Work items are (batch, query head) pairs: each writes only its own out and
-    lse slices, so they run in parallel without coordination.
+    Row r holds query position first + r // G, which sees keys
+    j <= first + r // G with key_mask[b, j] set; every other entry becomes 0.
     """
+    B, K, R, Sb = s.shape
+    for item in nb.prange(B * K * R):
+        b, g, r = item // (K * R), (item // R) % K, item % R
+        row = s[b, g, r]
+        last = min(first + r // G, Sb - 1)    # causal: keys 0..last are not in the future
+        # Pass 1: the max m of the visible scores. Subtracting it before exp
+        # keeps every exponent <= 0, so exp cannot overflow. `x > m` is False
+        # for NaN, so a NaN is never the max, but exp(NaN - m) still reaches
+        # the sum below and the row becomes NaN. Visible keys are counted,
+        # not inferred from m: an all-NaN row must give NaN, not zeros.
+        m = -np.inf
+        n_visible = 0
+        for j in range(last + 1):
+            if key_mask[b, j]:
+                n_visible += 1
+                if row[j] > m:
+                    m = row[j]
+        if n_visible == 0:                    # nothing to attend to: p = 0, output 0
+            row[:] = 0.0
+            lse[b, g, r] = np.inf             # exp(s - inf) = 0 in the backward
+            continue
+        # Pass 2: e_j = exp(s_j - m), l = sum_j e_j; then p_j = e_j / l.
+        l = 0.0
+        for j in range(Sb):
+            if j <= last and key_mask[b, j]:
+                e = np.exp(np.float64(row[j]) - m)
+                row[j] = e
+                l += e
+            else:
+                row[j] = 0.0
+        inv = 1.0 / l
+        for j in range(last + 1):
+            row[j] *= inv
+        lse[b, g, r] = m + np.log(l)          # log sum_j exp(s_j) = m + log sum_j exp(s_j - m)
+
+
+@nb.njit(parallel=True, cache=True)
+def softmax_rows_backward(s, dp, lse, delta, key_mask, first, G):
+    """s (B, K, R, Sb) scores, in place -> p; dp (B, K, R, Sb) = dO . v_j, in place
+    -> ds; lse, delta (B, K, R); key_mask (B, S); first, G as in softmax_rows
+
+    p_ij = exp(s_ij - lse_i) recomputes the forward's probabilities, and the
+    softmax backward is ds_ij = p_ij (dp_ij - delta_i), delta_i = dO_i . o_i.
+    Keys a row cannot see get p = ds = 0, whatever dp holds there.
+    """
+    B, K, R, Sb = s.shape
+    for item in nb.prange(B * K * R):
+        b, g, r = item // (K * R), (item // R) % K, item % R
+        last = min(first + r // G, Sb - 1)
+        row, drow = s[b, g, r], dp[b, g, r]
+        for j in range(Sb):
+            if j <= last and key_mask[b, j]:
+                p = np.exp(np.float64(row[j]) - lse[b, g, r])
+                row[j] = p
+                drow[j] = p * (drow[j] - delta[b, g, r])
+            else:
+                row[j] = 0.0
+                drow[j] = 0.0
+
+
+def _grouped(q, K):
+    """q (B, T, H, D) -> (B, K, T*G, D), a copy: row t*G + i is query head g*G + i of kv head g"""
+    B, T, H, D = q.shape
+    return np.ascontiguousarray(q.reshape(B, T, K, H // K, D).transpose(0, 2, 1, 3, 4)).reshape(B, K, T * (H // K), D)
+
+
+def _ungrouped(x, T):
+    """(B, K, T*G, D) -> (B, T, H, D), a copy; the inverse of _grouped"""
+    B, K, R, D = x.shape
+    G = R // T
+    return np.ascontiguousarray(x.reshape(B, K, T, G, D).transpose(0, 2, 1, 3, 4)).reshape(B, T, K * G, D)
+
+
+def _kv_heads(x, key_mask):
+    """k or v (B, S, K, D) -> (B, K, S, D): a transposed view (BLAS reads it as
+    it is), or a copy with padded keys' rows zeroed when key_mask has zeros"""
+    xt = x.transpose(0, 2, 1, 3)                                       # (B, K, S, D)
+    if key_mask.all():
+        return xt
+    return np.where(key_mask[:, None, :, None], xt, 0).astype(x.dtype)
+
+
+def _blocks(T):
+    """(t0, t1) query-position blocks of at most Q_BLOCK covering 0..T"""
+    return [(t0, min(t0 + Q_BLOCK, T)) for t0 in range(0, T, Q_BLOCK)]
+
+
+def attention_forward(q, k, v, key_mask, scale):
+    """q (B, T, H, D), k (B, S, K, D), v (B, S, K, D), key_mask (B, S) bool, scale
+    -> out (B, T, H, D), lse (B, T, H) float64"""
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
-    G = H // K                                  # query heads per kv head
-    past = S - T                                # cached keys before query 0
-    out = np.empty(q.shape, dtype=q.dtype)
-    lse = np.empty((B, T, H), dtype=np.float64)
-    for item in nb.prange(B * H):
-        b, h = item // H, item % H
-        g = h // G                              # the kv head this query head reads
-        s = np.empty(S, dtype=np.float64)      # one row of scores, reused per query
-        acc = np.empty(D, dtype=np.float64)    # one output row, accumulated in float64
-        for t in range(T):
-            last = past + t                     # causal: keys 0..last are not in the future
-            # Pass 1: scores of the visible keys, and their max m. Subtracting
-            # m before exp keeps every exponent <= 0, so exp cannot overflow.
-            # `s > m` is False for NaN, so a NaN score is never the max, but
-            # exp(NaN - m) still reaches the sums below and the output is NaN.
-            # Visible keys are counted, not inferred from m: an all-NaN row
-            # must give NaN, not the zeros of a row with no key.
-            m = -np.inf
-            n_visible = 0
-            for j in range(last + 1):
-                if not key_mask[b, j]:
-                    continue
-                s[j] = scale * _dot(q[b, t, h], k[b, j, g])
-                if s[j] > m:
-                    m = s[j]
-                n_visible += 1
-            if n_visible == 0:                  # nothing to attend to: output 0
-                for d in range(D):
-                    out[b, t, h, d] = 0.0
-                lse[b, t, h] = np.inf           # exp(s - inf) = 0 in the backward
-                continue
-            # Pass 2: o = sum_j exp(s_j - m) v_j / l with l = sum_j exp(s_j - m).
-            l = 0.0
-            acc[:] = 0.0
-            for j in range(last + 1):
-                if not key_mask[b, j]:
-                    continue
-                e = np.exp(s[j] - m)
-                l += e
-                for d in range(D):
-                    acc[d] += e * v[b, j, g, d]
-            for d in range(D):
-                out[b, t, h, d] = acc[d] / l
-            # log sum_j exp(s_j) = m + log sum_j exp(s_j - m)
-            lse[b, t, h] = m + np.log(l)
-    return out, lse
+    G, past = H // K, S - T
+    qg = _grouped(q * q.dtype.type(scale), K)             # (B, K, T*G, D), scale folded into q
+    kh, vh = _kv_heads(k, key_mask), _kv_heads(v, key_mask)   # (B, K, S, D)
+    out = np.empty(qg.shape, dtype=q.dtype)               # (B, K, T*G, D)
+    lse = np.empty((B, K, T * G), dtype=np.float64)
+    for t0, t1 in _blocks(T):
+        rows, keys = slice(t0 * G, t1 * G), past + t1     # the tile's rows; the keys its last query sees
+        s = qg[:, :, rows] @ kh[:, :, :keys].swapaxes(-1, -2)    # (B, K, Rb, keys)  s = scale q kᵀ
+        softmax_rows(s, key_mask, past + t0, G, lse[:, :, rows])  # s -> p in place
+        np.matmul(s, vh[:, :, :keys], out=out[:, :, rows])       # (B, K, Rb, D)    o = p v
+    return _ungrouped(out, T), _ungrouped(lse[..., None], T)[..., 0]
 
 
-@nb.njit(parallel=True, cache=True)
 def attention_backward(dout, q, k, v, out, lse, key_mask, scale):
     """dout (B, T, H, D), q (B, T, H, D), k (B, S, K, D), v (B, S, K, D),
     out (B, T, H, D), lse (B, T, H), key_mask (B, S), scale
     -> dq (B, T, H, D), dk (B, S, K, D), dv (B, S, K, D)
 
-    Inverting the forward, for each visible pair (i, j):
-        dv_j += p_ij dO_i                  o_i  = sum_j p_ij v_j
-        dp_ij = dO_i . v_j                 (same line, gradient reaching p)
-        ds_ij = p_ij (dp_ij - delta_i)     p_ij = softmax_j(s_ij)
-            with delta_i = sum_j p_ij dp_ij = dO_i . o_i
-        dq_i += scale ds_ij k_j            s_ij = scale q_i . k_j
-        dk_j += scale ds_ij q_i            (same line)
-
-    Work items are (batch, kv head) pairs. A kv head's dk and dv collect
-    contributions from all G query heads of its group and all T queries, and
-    only this work item touches them, so there are no races; the dq rows of
-    the group's query heads are likewise written by this item alone.
+    Inverting the forward, tile by tile:
+        p  = exp(s - lse)              recomputed from s = scale q kᵀ
+        dv = pᵀ dO                     o = p v
+        dp = dO vᵀ                     (same line, gradient reaching p)
+        ds = p (dp - delta)            p = softmax(s), delta_i = dO_i . o_i
+        dq = scale ds k                s = scale q kᵀ
+        dk = scale dsᵀ q               (same line)
+    A kv head's dk and dv sum over the G query heads of its group: they are
+    rows of the same tile, so the products do the sum.
     """
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
-    G = H // K
-    past = S - T
-    dq = np.empty(q.shape, dtype=q.dtype)
-    dk = np.empty(k.shape, dtype=k.dtype)
-    dv = np.empty(v.shape, dtype=v.dtype)
-    for item in nb.prange(B * K):
-        b, g = item // K, item % K
-        dk_acc = np.zeros((S, D), dtype=np.float64)   # this kv head's dk, dv, in float64
-        dv_acc = np.zeros((S, D), dtype=np.float64)
-        dq_acc = np.empty(D, dtype=np.float64)        # one dq row
-        for h in range(g * G, (g + 1) * G):           # the query heads reading kv head g
-            for t in range(T):
-                # delta_i = dO_i . o_i: the softmax backward's sum_j p_ij dp_ij,
-                # read off the saved output instead of a second pass over j.
-                delta = _dot(dout[b, t, h], out[b, t, h])
-                dq_acc[:] = 0.0
-                # The same visible keys as the forward; a row with none leaves
-                # dq_acc at zero (and its lse of +inf would zero p anyway).
-                for j in range(past + t + 1):
-                    if not key_mask[b, j]:
-                        continue
-                    # forward: s[j] = scale * _dot(q, k); e = exp(s[j] - m); e / l
-                    # Recompute p_ij = exp(s_ij - lse_i), as lse_i = m + log l.
-                    p = np.exp(scale * _dot(q[b, t, h], k[b, j, g]) - lse[b, t, h])
-                    # forward: acc[d] += e * v[b, j, g, d]   (o_i = sum_j p_ij v_j)
-                    dp = _dot(dout[b, t, h], v[b, j, g])         # dp_ij = dO_i . v_j
-                    ds = p * (dp - delta)                       # ds_ij = p_ij (dp_ij - delta_i)
-                    for d in range(D):
-                        dv_acc[j, d] += p * dout[b, t, h, d]     # dv_j += p_ij dO_i
-                        dq_acc[d] += ds * k[b, j, g, d]         # dq_i += ds_ij k_j
-                        dk_acc[j, d] += ds * q[b, t, h, d]      # dk_j += ds_ij q_i
-                for d in range(D):
-                    dq[b, t, h, d] = scale * dq_acc[d]           # the scale of s_ij, applied once
-        for j in range(S):
-            for d in range(D):
-                dk[b, j, g, d] = scale * dk_acc[j, d]
-                dv[b, j, g, d] = dv_acc[j, d]
-    return dq, dk, dv
+    G, past = H // K, S - T
+    qg = _grouped(q * q.dtype.type(scale), K)             # (B, K, T*G, D)  scale q
+    dog = _grouped(dout, K)                               # (B, K, T*G, D)  dO
+    # delta_i = dO_i . o_i is the softmax backward's sum_j p_ij dp_ij, read off the output.
+    delta = _grouped(np.einsum("bthd,bthd->bth", dout, out, dtype=np.float64)[..., None], K)[..., 0]
+    lse_g = _grouped(lse[..., None], K)[..., 0]           # (B, K, T*G)
+    kh, vh = _kv_heads(k, key_mask), _kv_heads(v, key_mask)   # (B, K, S, D)
+    dq = np.empty(qg.shape, dtype=q.dtype)                # (B, K, T*G, D)
+    dk = np.zeros((B, K, S, D), dtype=k.dtype)
+    dv = np.zeros((B, K, S, D), dtype=v.dtype)
+    for t0, t1 in _blocks(T):
+        rows, keys = slice(t0 * G, t1 * G), past + t1
+        s = qg[:, :, rows] @ kh[:, :, :keys].swapaxes(-1, -2)    # (B, K, Rb, keys)
+        dp = dog[:, :, rows] @ vh[:, :, :keys].swapaxes(-1, -2)  # (B, K, Rb, keys)  dO vᵀ
+        softmax_rows_backward(s, dp, lse_g[:, :, rows], delta[:, :, rows], key_mask, past + t0, G)
+        dv[:, :, :keys] += s.swapaxes(-1, -2) @ dog[:, :, rows]  # (B, K, keys, D)  pᵀ dO
+        dk[:, :, :keys] += dp.swapaxes(-1, -2) @ qg[:, :, rows]  # (B, K, keys, D)  dsᵀ (scale q)
+        np.matmul(dp, kh[:, :, :keys], out=dq[:, :, rows])       # (B, K, Rb, D)    ds k
+    dq *= q.dtype.type(scale)
+    return _ungrouped(dq, T), np.ascontiguousarray(dk.transpose(0, 2, 1, 3)), \
+        np.ascontiguousarray(dv.transpose(0, 2, 1, 3))

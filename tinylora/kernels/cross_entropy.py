@@ -8,7 +8,8 @@ For a row of logits z (V,) with target class c:
 
 Rows whose label equals `ignore_index` contribute nothing and get zero
 gradient. Sums run in float64 whatever the logits' dtype (V is ~50k-150k).
-The op, with the mean over counted rows, is in `tinylora/ops/cross_entropy.py`.
+The ops, with the mean over counted rows and the lm_head product fused in,
+are in `tinylora/ops/cross_entropy.py`.
 """
 
 import numba as nb
@@ -16,41 +17,45 @@ import numpy as np
 
 
 @nb.njit(parallel=True, cache=True)
-def cross_entropy_forward(logits, labels, ignore_index):
-    """logits (N, V), labels (N,) -> loss (N,) float64 (0 where ignored), lse (N,) float64"""
-    N, V = logits.shape
+def cross_entropy_rows(z, labels, ignore_index, grad):
+    """z (N, V) logits, labels (N,) -> loss (N,) float64 (0 where ignored), lse (N,) float64
+
+    With grad, z is overwritten in place by dloss_n / dz_n = softmax(z_n) -
+    onehot(c_n), and by zeros in ignored rows: the gradient is formed while
+    exp(z - m) is at hand, so each logit is exponentiated once, and no second
+    (N, V) array is allocated. The caller scales it by dloss / (counted rows).
+    """
+    N, V = z.shape
     loss = np.zeros(N, dtype=np.float64)
     lse = np.zeros(N, dtype=np.float64)
     for n in nb.prange(N):
-        if labels[n] == ignore_index:
+        row = z[n]
+        c = labels[n]
+        if c == ignore_index:
+            if grad:
+                row[:] = 0.0
             continue
-        m = logits[n, 0]
+        # m = max z (a NaN anywhere becomes m and makes the whole row NaN);
+        # subtracting it keeps every exponent <= 0, so exp cannot overflow.
+        m = row[0]
         for v in range(1, V):
-            if logits[n, v] > m or np.isnan(logits[n, v]):
-                m = logits[n, v]
+            if row[v] > m or np.isnan(row[v]):
+                m = row[v]
+        target = row[c]
         total = 0.0
-        for v in range(V):
-            total += np.exp(np.float64(logits[n, v]) - m)
-        lse[n] = m + np.log(total)
-        loss[n] = lse[n] - logits[n, labels[n]]
-    return loss, lse
-
-
-@nb.njit(parallel=True, cache=True)
-def cross_entropy_backward(logits, labels, lse, ignore_index, scale):
-    """logits (N, V), labels (N,), lse (N,) -> dlogits (N, V)
-
-    dlogits[n] = scale * (softmax(logits[n]) - onehot(labels[n])), zero for
-    ignored rows; `scale` is dloss / (number of counted rows) for a mean.
-    """
-    N, V = logits.shape
-    dlogits = np.empty_like(logits)
-    for n in nb.prange(N):
-        if labels[n] == ignore_index:
+        if grad:
             for v in range(V):
-                dlogits[n, v] = 0.0
-            continue
-        for v in range(V):
-            dlogits[n, v] = scale * np.exp(np.float64(logits[n, v]) - lse[n])
-        dlogits[n, labels[n]] -= scale
-    return dlogits
+                e = np.exp(np.float64(row[v]) - m)
+                row[v] = e
+                total += e
+        else:
+            for v in range(V):
+                total += np.exp(np.float64(row[v]) - m)
+        lse[n] = m + np.log(total)              # log sum exp z = m + log sum exp(z - m)
+        loss[n] = lse[n] - target
+        if grad:
+            inv = 1.0 / total
+            for v in range(V):
+                row[v] *= inv                   # softmax(z)_v = exp(z_v - m) / sum
+            row[c] -= 1.0                       # - onehot(c)
+    return loss, lse
