@@ -12,6 +12,7 @@ from helpers import assert_close, tol_for
 
 from tinylora.kernels import cross_entropy as ce
 from tinylora.kernels import rmsnorm, rope, swiglu
+from tinylora.ops.rope import rope_inv_freq, rope_tables
 
 DTYPES = [np.float32, np.float64]
 
@@ -178,3 +179,55 @@ def test_cross_entropy_minus_inf_logit_is_a_mask():
     loss, lse = ce.cross_entropy_rows(z, np.array([0]), -100, True)
     assert_close(loss, [np.log(2.0)], 1e-12, "loss with a masked logit")
     assert_close(z, [[-0.5, 0.0, 0.5]], 1e-12, "dz")
+
+
+# ---- serial and parallel compilations agree ---------------------------------------------------
+def _sized_kernel_calls(rng):
+    """(name, kernel, args) for every kernel compiled twice by parallel_when_large, on inputs big
+    enough for several threads' worth of rows, with ignored rows and masks where they apply."""
+    from tinylora.kernels import attention as att
+    from tinylora.kernels import matmul as mm
+    x = rng.standard_normal((37, 64)).astype(np.float32)
+    w = rng.standard_normal(64).astype(np.float32)
+    _, rstd = rmsnorm.rmsnorm_forward(x, w, 1e-6)
+    x4 = rng.standard_normal((2, 5, 3, 8))
+    cos, sin = (np.ascontiguousarray(np.broadcast_to(a, (2, 5, 4)))     # (B, T, D/2), as the op passes them
+                for a in rope_tables(np.arange(5), rope_inv_freq(8, 10000.0), np.float64))
+    s = rng.standard_normal((2, 3, 12, 9))
+    mask = np.ones((2, 9), dtype=np.bool_)
+    mask[1, -2:] = False
+    lse = rng.standard_normal((2, 3, 12))
+    labels = rng.integers(0, 64, 37)
+    labels[::4] = -100
+    bits = mm.f32_to_bf16(rng.standard_normal((70, 64)).astype(np.float32))
+    return [("rmsnorm_forward", rmsnorm.rmsnorm_forward, (x, w, 1e-6)),
+            ("rmsnorm_backward", rmsnorm.rmsnorm_backward, (x * 0.5, x, w, rstd)),
+            ("rope_forward", rope.rope_forward, (x4, cos, sin)),
+            ("swiglu_forward", swiglu.swiglu_forward, (x, x * 0.3)),
+            ("swiglu_backward", swiglu.swiglu_backward, (x, x * 0.3, x * 0.7)),
+            ("softmax_rows", att.softmax_rows, (s, mask, 6, 3, np.empty((2, 3, 12)))),
+            ("softmax_rows_backward", att.softmax_rows_backward, (s, s * 0.5, lse, lse * 0.1, mask, 6, 3)),
+            ("cross_entropy_rows", ce.cross_entropy_rows, (x, labels, -100, True)),
+            ("bf16_to_f32", mm.bf16_to_f32, (bits,)),
+            ("f32_to_bf16", mm.f32_to_bf16, (x,)),
+            ("gemv_nt_bf16", mm.gemv_nt_bf16, (x[:3], bits))]
+
+
+def _results(args, out):
+    """a kernel's outputs plus its in-place arguments, as a flat list of arrays"""
+    out = out if isinstance(out, tuple) else (out,)
+    return [np.asarray(o) for o in out] + [a for a in args if isinstance(a, np.ndarray)]
+
+
+def test_serial_and_parallel_compilations_agree():
+    """parallel_when_large picks by size; both compilations must give the same numbers
+    (gemv_nt_bf16 to rounding: its fast-math sums may split differently)."""
+    for name, kernel, args in _sized_kernel_calls(np.random.default_rng(0)):
+        copies = [[a.copy() if isinstance(a, np.ndarray) else a for a in args] for _ in range(2)]
+        got_serial = _results(copies[0], kernel.serial(*copies[0]))
+        got_parallel = _results(copies[1], kernel.parallel(*copies[1]))
+        for a, b in zip(got_serial, got_parallel, strict=True):
+            if name == "gemv_nt_bf16":
+                assert_close(a, b, 1e-5, name)
+            else:
+                np.testing.assert_array_equal(a, b, err_msg=name)

@@ -167,6 +167,7 @@ def _every_kernel(x, w):
     if x.dtype == np.float32:
         bits = K.f32_to_bf16(w)
         out["gemv_nt_bf16"] = K.gemv_nt_bf16(x, bits)
+        out["gemv_nt_bf16 parallel"] = K.gemv_nt_bf16.parallel(x, bits)   # both compilations, fast-math
         out["linear_bf16 tiles"] = K.linear_bf16(np.repeat(x, 4, axis=0), bits)[::4]   # M > SMALL_M
         out["matmul_bf16"] = K.matmul_bf16(x, K.f32_to_bf16(np.ascontiguousarray(w.T)))
     return out

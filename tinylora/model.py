@@ -193,9 +193,10 @@ class CausalLM(Module):
     @classmethod
     def _build(cls, config: ModelConfig, tensors: dict[str, np.ndarray], dtype: np.dtype) -> "CausalLM":
         def frozen(name: str, keep_bf16: bool = False) -> Tensor:
-            # Only the projection weights may stay bf16: they are 80-90 % of the
-            # bytes and the matmul kernels widen them on the fly. Embeddings are
-            # gathered row by row and norms and biases are tiny, so those are
+            # Only the matrices may stay bf16: the projections and the embedding
+            # table (lm_head too when tied) are all but a few bytes of the model;
+            # the matmul kernels widen them on the fly, and the embedding widens
+            # the rows it gathers. Norms and biases are tiny, so those are
             # widened once here and every op downstream sees plain floats.
             a = tensors[name]
             if a.dtype == np.uint16 and keep_bf16 and dtype == np.float32:
@@ -217,7 +218,7 @@ class CausalLM(Module):
                       proj(f"{m}.down_proj", config.mlp_bias))
             layers.append(DecoderLayer(attn, mlp, norm(f"model.layers.{i}.input_layernorm.weight"),
                                        norm(f"model.layers.{i}.post_attention_layernorm.weight")))
-        embed = Embedding(frozen("model.embed_tokens.weight"))
+        embed = Embedding(frozen("model.embed_tokens.weight", keep_bf16=True))
         decoder = DecoderModel(embed, layers, norm("model.norm.weight"))
         lm_head = Linear(embed.weight) if config.tie_word_embeddings else Linear(frozen("lm_head.weight", True))
         return cls(config, decoder, lm_head)

@@ -15,3 +15,44 @@ import os
 # be set before the first parallel kernel starts the thread pool, so it is set
 # here, when the kernels are imported; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import types
+
+import numba as nb
+
+
+# Elements of the largest array below which a kernel runs on one thread (an
+# elementwise pass over 64k floats takes about as long as waking the pool).
+PARALLEL_MIN = 1 << 16
+
+
+def parallel_when_large(min_size: int, fastmath=False):
+    """Compile a kernel twice, with and without `parallel=True`; each call picks by size.
+
+    A parallel kernel wakes Numba's worker threads, which wait passively (see
+    above), and a wake-up costs tens of microseconds here: more than a whole
+    RMSNorm of one decoded token takes on one core. So a call whose largest
+    array has fewer than `min_size` elements runs the serial compilation (a
+    `prange` there is a plain `range`) and only large work pays for threads.
+    Both compilations are of the same source and compute the same numbers.
+    `fastmath` is passed to both (a set of LLVM flags, see kernels/matmul.py).
+
+        @parallel_when_large(1 << 16)
+        def rmsnorm_forward(x, w, eps): ...      # rmsnorm_forward.parallel / .serial
+    """
+    def compile_twice(fn):
+        # A renamed twin of fn, so Numba's on-disk cache keeps the two apart.
+        twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
+                                  fn.__closure__)
+        twin.__qualname__ = fn.__qualname__ + "_serial"
+        parallel = nb.njit(parallel=True, cache=True, fastmath=fastmath)(fn)
+        serial = nb.njit(cache=True, fastmath=fastmath)(twin)
+
+        def kernel(*args):
+            size = max((a.size for a in args if hasattr(a, "size") and hasattr(a, "shape")), default=0)
+            return (parallel if size >= min_size else serial)(*args)
+
+        kernel.parallel, kernel.serial, kernel.py_func = parallel, serial, fn
+        kernel.__name__, kernel.__qualname__, kernel.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        return kernel
+    return compile_twice

@@ -54,10 +54,12 @@ reference these kernels are tested against is in `tests/test_attention.py`.
 import numba as nb
 import numpy as np
 
+from . import PARALLEL_MIN, parallel_when_large
+
 Q_BLOCK = 256      # query positions per tile: bounds the score tile's memory, skips the causal upper half
 
 
-@nb.njit(parallel=True, cache=True)
+@parallel_when_large(PARALLEL_MIN)
 def softmax_rows(s, key_mask, first, G, lse):
     """s (B, K, R, Sb) scores, in place -> probabilities; key_mask (B, S);
     first: absolute position of the tile's first query; G: query heads per kv
@@ -102,7 +104,7 @@ def softmax_rows(s, key_mask, first, G, lse):
         lse[b, g, r] = m + np.log(l)          # log sum_j exp(s_j) = m + log sum_j exp(s_j - m)
 
 
-@nb.njit(parallel=True, cache=True)
+@parallel_when_large(PARALLEL_MIN)
 def softmax_rows_backward(s, dp, lse, delta, key_mask, first, G):
     """s (B, K, R, Sb) scores, in place -> p; dp (B, K, R, Sb) = dO . v_j, in place
     -> ds; lse, delta (B, K, R); key_mask (B, S); first, G as in softmax_rows

@@ -15,8 +15,10 @@ are in `tinylora/ops/cross_entropy.py`.
 import numba as nb
 import numpy as np
 
+from . import PARALLEL_MIN, parallel_when_large
 
-@nb.njit(parallel=True, cache=True)
+
+@parallel_when_large(PARALLEL_MIN)
 def cross_entropy_rows(z, labels, ignore_index, grad):
     """z (N, V) logits, labels (N,) -> loss (N,) float64 (0 where ignored), lse (N,) float64
 

@@ -13,8 +13,10 @@ in the input's dtype. Rows are independent, so they are spread over threads.
 import numba as nb
 import numpy as np
 
+from . import PARALLEL_MIN, parallel_when_large
 
-@nb.njit(parallel=True, cache=True)
+
+@parallel_when_large(PARALLEL_MIN)
 def rmsnorm_forward(x, w, eps):
     """x (N, C), w (C,) -> y (N, C), rstd (N,)"""
     N, C = x.shape
@@ -31,7 +33,7 @@ def rmsnorm_forward(x, w, eps):
     return y, rstd
 
 
-@nb.njit(parallel=True, cache=True)
+@parallel_when_large(PARALLEL_MIN)
 def rmsnorm_backward(dy, x, w, rstd):
     """dy (N, C), x (N, C), w (C,), rstd (N,) -> dx (N, C)
 

@@ -13,8 +13,10 @@ tables are in `tinylora/ops/rope.py`.
 import numba as nb
 import numpy as np
 
+from . import PARALLEL_MIN, parallel_when_large
 
-@nb.njit(parallel=True, cache=True)
+
+@parallel_when_large(PARALLEL_MIN)
 def rope_forward(x, cos, sin):
     """x (B, T, H, D), cos (B, T, D/2), sin (B, T, D/2) -> y (B, T, H, D)"""
     B, T, H, D = x.shape

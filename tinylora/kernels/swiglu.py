@@ -10,8 +10,10 @@ of three NumPy passes with two temporaries of size (N, F). The op is in
 import numba as nb
 import numpy as np
 
+from . import PARALLEL_MIN, parallel_when_large
 
-@nb.njit(parallel=True, cache=True)
+
+@parallel_when_large(PARALLEL_MIN)
 def swiglu_forward(g, u):
     """g (N, F), u (N, F) -> y (N, F)"""
     N, F = g.shape
@@ -23,7 +25,7 @@ def swiglu_forward(g, u):
     return y
 
 
-@nb.njit(parallel=True, cache=True)
+@parallel_when_large(PARALLEL_MIN)
 def swiglu_backward(dy, g, u):
     """dy (N, F), g (N, F), u (N, F) -> dg (N, F), du (N, F)
 

@@ -1,0 +1,275 @@
+"""`tinylora bench`: tinylora and PyTorch+PEFT side by side, on the same CPU, in one run.
+
+Workloads (SPEC §4): LoRA r=8 training, batch 2 x 128 tokens, float32, on
+SmolLM2-135M with all seven projections adapted and with q/v only, and on a
+random-init model of Qwen2.5-0.5B's shape; greedy decoding with a KV cache
+(28-token prompt, 64 new tokens) on both models, with tinylora's frozen
+weights stored in bf16 (and once in fp32, for comparison; the peer runs
+fp32, its fastest on these CPUs); and training on SmolLM2 at sequence
+lengths 128 to 2048 (how cost grows).
+
+How it measures, and why:
+* These machines' speed swings by up to 2x from minute to minute, so the two
+  libraries are never timed minutes apart. Each workload starts one process
+  per library (bench_workers.serve), both warm up, and then repetitions
+  alternate, tinylora-peer, peer-tinylora, ...; each figure is the median
+  of its repetitions and the ratio is the ratio of those medians.
+* A fresh process per library and workload, so its peak resident memory
+  (getrusage's ru_maxrss) is that workload's and nothing else's.
+* Model-FLOPs utilisation (MFU) = model FLOPs per token x tokens/s / the
+  machine's fp32 GEMM peak, which this process measures itself with
+  np.matmul on 2048 x 2048 matrices once per round of repetitions (the
+  median over the workload's rounds). Model FLOPs per trained token are
+  those the work needs, whoever does it (train_flops_per_token): forward
+  and input-gradient products of every frozen linear layer and lm_head
+  (no weight gradients: they are frozen), the LoRA products, and causal
+  attention.
+* The BLAS NumPy uses is reported via threadpoolctl (bench_kernels.blas_info).
+  The OPENBLAS_* variables of the environment are reported, never changed.
+
+`tinylora bench kernels` (bench_kernels.py) times the matmul paths alone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bench_kernels import blas_info
+from .bench_workers import ALL_SEVEN, LORA_R, QWEN25_05B, Workload, serve
+from .config import ModelConfig
+
+SEQ_LENGTHS = (128, 512, 1024, 2048)
+TARGETS = {"train": 1.2, "decode": 2.0}       # tokens/s ratio vs the peer at least
+RSS_TARGET, MFU_TARGET = 0.6, 0.6             # training: peak RSS ratio at most; MFU at least
+GEMM_N = 2048
+
+
+def workloads(max_seq: int = 2048) -> list[Workload]:
+    """The benchmark's workloads in the order they run (the table's rows)."""
+    rows = [Workload("train SmolLM2-135M, all seven", "train", "smollm2"),
+            Workload("train SmolLM2-135M, q/v only", "train", "smollm2", targets=("q_proj", "v_proj")),
+            Workload("train Qwen2.5-0.5B shape, all seven", "train", "qwen2.5-0.5b"),
+            Workload("decode SmolLM2-135M (tinylora bf16 weights)", "decode", "smollm2", dtype="bfloat16"),
+            Workload("decode SmolLM2-135M (tinylora fp32)", "decode", "smollm2"),
+            Workload("decode Qwen2.5-0.5B shape (tinylora bf16 weights)", "decode", "qwen2.5-0.5b",
+                     dtype="bfloat16")]
+    for T in SEQ_LENGTHS[1:]:
+        if T <= max_seq:          # long sequences: fewer repetitions (a step of 2 x 2048 takes ~30 s)
+            rows.append(Workload(f"train SmolLM2-135M, all seven, 2 x {T}", "train", "smollm2", seq=T,
+                                 repeats=3 if T <= 512 else 2))
+    return rows
+
+
+def train_flops_per_token(config: ModelConfig, targets, r: int, T: int) -> float:
+    """Model FLOPs per trained token: LoRA fine-tuning with frozen weights, sequence length T.
+
+    A product of an (n, a) and (a, b) matrix costs 2nab FLOPs. Per token:
+      frozen linear layers and lm_head (P weights): forward 2P, input gradient 2P, no weight gradient
+      LoRA on a layer (in, out): forward 2r(in + out), backward 4r(in + out) (dx, du, dA, dB)
+      causal attention: q.k and p.v over (T + 1) / 2 keys on average, 4 H D (T + 1) / 2 forward,
+                        twice that backward
+    """
+    C, F, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    shapes = {"q_proj": (C, q), "k_proj": (C, kv), "v_proj": (C, kv), "o_proj": (q, C),
+              "gate_proj": (C, F), "up_proj": (C, F), "down_proj": (F, C)}
+    frozen = L * sum(a * b for a, b in shapes.values()) + V * C
+    lora = L * sum(6 * r * sum(shapes[t]) for t in targets)
+    attention = L * 3 * 4 * q * (T + 1) / 2
+    return 4 * frozen + lora + attention
+
+
+def gemm_gflops(n: int = GEMM_N, calls: int = 3) -> float:
+    """fp32 GEMM speed of this machine right now: np.matmul on (n, n) matrices, best of `calls`."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(calls))
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def _timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def peer_available() -> str | None:
+    """None if PyTorch, transformers and PEFT are importable, else why not."""
+    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    return f"not installed: {', '.join(missing)} (pip install -e '.[reference]')" if missing else None
+
+
+class _Worker:
+    """One side of one workload in its own spawned process."""
+
+    def __init__(self, ctx, side: str, workload: Workload, model_dir: str | None):
+        self.side, self.error, self.versions = side, None, ""
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=serve, args=(side, workload, model_dir, child), daemon=True)
+        self.process.start()
+        child.close()
+        reply = self._recv()
+        if reply is not None:
+            status, text = reply
+            self.error, self.versions = (text, "") if status == "error" else (None, text)
+
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except (EOFError, ConnectionError):
+            self.error = self.error or f"worker died (exit code {self.process.join(5) or self.process.exitcode})"
+            return None
+
+    def run(self) -> float | None:
+        """One repetition -> tokens/s (None after a failure)."""
+        if self.error:
+            return None
+        self.conn.send("run")
+        reply = self._recv()
+        return None if reply is None else reply[1] / reply[0]
+
+    def stop(self) -> float | None:
+        """-> peak RSS in GB, and the process is gone."""
+        rss = None
+        if not self.error:
+            self.conn.send("stop")
+            rss = self._recv()
+        self.process.join(30)
+        if self.process.is_alive():
+            self.process.kill()
+        return rss
+
+
+def run_workload(workload: Workload, repeats: int, model_dir: str | None, peer: bool) -> dict:
+    """Time one workload on both sides, alternating -> its result row (see the module docstring)."""
+    ctx = multiprocessing.get_context("spawn")
+    sides = ["tinylora"] + (["peft"] if peer else [])
+    workers = [_Worker(ctx, side, workload, model_dir) for side in sides]
+    speeds = {side: [] for side in sides}
+    gemm = []
+    for i in range(workload.repeats or repeats):
+        for w in (workers if i % 2 == 0 else workers[::-1]):
+            speed = w.run()
+            if speed is not None:
+                speeds[w.side].append(speed)
+        gemm.append(gemm_gflops())
+    row = {"workload": workload.name, "kind": workload.kind, "model": workload.model,
+           "batch": workload.batch, "seq": workload.seq, "targets": list(workload.targets),
+           "gemm_gflops": float(np.median(gemm))}
+    for w in workers:
+        rss = w.stop()
+        row[w.side] = {"tokens_per_s": float(np.median(speeds[w.side])) if speeds[w.side] else None,
+                       "repeats": speeds[w.side], "peak_rss_gb": rss, "error": w.error, "versions": w.versions}
+    ours, theirs = row["tinylora"], row.get("peft")
+    if workload.kind == "train":
+        config = (ModelConfig.from_json(Path(model_dir) / "config.json") if workload.model == "smollm2"
+                  else ModelConfig.from_dict(QWEN25_05B))
+        flops = train_flops_per_token(config, workload.targets, LORA_R, workload.seq)
+        row["flops_per_token"] = flops
+        for side in [ours] + ([theirs] if theirs else []):
+            side["mfu"] = (flops * side["tokens_per_s"] / (row["gemm_gflops"] * 1e9)
+                           if side["tokens_per_s"] else None)
+    if theirs and ours["tokens_per_s"] and theirs["tokens_per_s"]:
+        row["speed_ratio"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+    if theirs and ours["peak_rss_gb"] and theirs["peak_rss_gb"]:
+        row["rss_ratio"] = ours["peak_rss_gb"] / theirs["peak_rss_gb"]
+    return row
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "blas": blas_info(),
+            "env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("OPENBLAS", "OMP_", "MKL_"))}}
+
+
+def run_bench(rows: list[Workload], repeats: int = 5, model_dir: str | None = None, peer: bool = True,
+              log=print) -> dict:
+    """Every workload in turn -> {"machine", "peer", "rows"}; logs each row as it finishes."""
+    reason = peer_available() if peer else "switched off (--no-peer)"
+    if reason:
+        log(f"PyTorch+PEFT: {reason}; timing tinylora alone")
+    result = {"machine": machine(), "peer": reason or "PyTorch+transformers+PEFT", "rows": []}
+    for workload in rows:
+        row = run_workload(workload, repeats, model_dir, peer=reason is None)
+        result["rows"].append(row)
+        log(format_row(row))
+    return result
+
+
+# -- the table ------------------------------------------------------------------------------------
+HEADER = ("| workload | tinylora tok/s | PyTorch+PEFT tok/s | speed ratio | tinylora peak RSS | "
+          "PEFT peak RSS | RSS ratio | tinylora MFU | PEFT MFU |")
+
+
+def _num(x, fmt: str, unit: str = "") -> str:
+    return "—" if x is None else f"{x:{fmt}}{unit}"
+
+
+def format_row(row: dict) -> str:
+    ours, theirs = row["tinylora"], row.get("peft") or {}
+    cells = [row["workload"], _num(ours["tokens_per_s"], ".1f"), _num(theirs.get("tokens_per_s"), ".1f"),
+             _num(row.get("speed_ratio"), ".2f", "×"), _num(ours["peak_rss_gb"], ".2f", " GB"),
+             _num(theirs.get("peak_rss_gb"), ".2f", " GB"), _num(row.get("rss_ratio"), ".2f", "×"),
+             _num(ours.get("mfu") and 100 * ours["mfu"], ".0f", " %"),
+             _num(theirs.get("mfu") and 100 * theirs["mfu"], ".0f", " %")]
+    errors = [f"{side}: {r['error']}" for side, r in (("tinylora", ours), ("peft", theirs)) if r.get("error")]
+    return "| " + " | ".join(cells) + " |" + (f"  ({'; '.join(errors)})" if errors else "")
+
+
+def format_table(result: dict) -> str:
+    """The whole run as a Markdown table, the machine it ran on and the targets it met."""
+    m = result["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}"]
+    lines += m["blas"].splitlines()
+    if m["env"]:
+        lines.append("Environment: " + ", ".join(f"{k}={v}" for k, v in m["env"].items()))
+    versions = {r[side]["versions"] for r in result["rows"] for side in ("tinylora", "peft")
+                if side in r and r[side]["versions"]}
+    lines += sorted(versions)
+    gemm = [r["gemm_gflops"] for r in result["rows"]]
+    lines.append(f"fp32 GEMM peak (np.matmul {GEMM_N}², median per workload): "
+                 f"{min(gemm):.0f}–{max(gemm):.0f} GFLOP/s" if gemm else "")
+    lines += ["", HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
+    lines += [format_row(r) for r in result["rows"]]
+    lines += ["", "Ratios are tinylora / PyTorch+PEFT (speed: higher is better; RSS: lower is better), "
+              "each the median of alternated repetitions; MFU against the measured GEMM peak."]
+    lines += [""] + check_targets(result)
+    return "\n".join(lines)
+
+
+def check_targets(result: dict) -> list[str]:
+    """One line per SPEC §4 target on the 2 x 128 workloads: met or not, with the figure."""
+    out = []
+    for r in result["rows"]:
+        if r["seq"] != 128:
+            continue
+        if r.get("speed_ratio") is not None:
+            goal = TARGETS[r["kind"]]
+            out.append(f"{'met ' if r['speed_ratio'] >= goal else 'MISS'}  {r['workload']}: speed "
+                       f"{r['speed_ratio']:.2f}× (target ≥ {goal}×)")
+        if r["kind"] == "train" and r.get("rss_ratio") is not None:
+            out.append(f"{'met ' if r['rss_ratio'] <= RSS_TARGET else 'MISS'}  {r['workload']}: peak RSS "
+                       f"{r['rss_ratio']:.2f}× (target ≤ {RSS_TARGET}×)")
+        if r["kind"] == "train" and r["tinylora"].get("mfu") is not None:
+            mfu = r["tinylora"]["mfu"]
+            out.append(f"{'met ' if mfu >= MFU_TARGET else 'MISS'}  {r['workload']}: MFU {100 * mfu:.0f} % "
+                       f"(target ≥ {100 * MFU_TARGET:.0f} %)")
+    return out
+
+
+__all__ = ["ALL_SEVEN", "run_bench", "workloads", "format_table", "train_flops_per_token", "gemm_gflops"]
