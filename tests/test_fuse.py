@@ -18,7 +18,7 @@ from tinylora.formats.export import TOKENIZER_FILES, fuse, save_model
 from tinylora.formats.files import write_json
 from tinylora.formats.peft import save_adapter
 from tinylora.formats.safetensors import read_header, read_safetensors, write_safetensors
-from tinylora.kernels.matmul import bf16_to_f32
+from tinylora.kernels.matmul import bf16_to_f32, f32_to_bf16
 from tinylora.loading import load_model
 from tinylora.lora import LoraConfig, apply_lora, lora_layers, merge
 from tinylora.model import random_state_dict
@@ -129,6 +129,24 @@ def test_bf16_bits_in_the_model_are_written_exactly(tmp_path):
 
 
 # ---- refusals, atomicity --------------------------------------------------------------------------------
+def test_a_float32_checkpoint_loads_as_bf16_bits(base_dir, tmp_path):
+    """dtype="bfloat16" rounds a float32 checkpoint's matrices (embeddings and, tied, lm_head
+    included) to bf16 bits as they are read; norms and biases stay float32; the model trains."""
+    model = load_model(base_dir, dtype="bfloat16")
+    f32 = read_safetensors(base_dir / "model.safetensors")
+    for name, p in model.named_parameters():
+        want = f32_to_bf16(f32[name]) if f32[name].ndim == 2 else f32[name]
+        assert p.data.dtype == want.dtype, name
+        np.testing.assert_array_equal(p.data, want, err_msg=name)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert_close(logits(model)[REAL], logits(load_model(base_dir))[REAL], BF16_TOL, "bf16 vs float32 logits")
+    lora = adapted(base_dir, dtype="bfloat16").train(True)
+    for _, p in tl.lora_parameters(lora):
+        p.requires_grad = True
+    lora.loss(IDS, np.where(REAL, IDS, -100), MASK).backward()
+    assert all(np.isfinite(p.grad).all() for _, p in tl.lora_parameters(lora))
+
+
 def test_refuses_a_model_with_lora_layers(base_dir, tmp_path):
     with pytest.raises(TinyloraError, match="still has LoRA layers: merge them first"):
         save_model(adapted(base_dir), tmp_path / "out")

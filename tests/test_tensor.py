@@ -107,6 +107,22 @@ def test_graph_is_freed_after_backward():
         y.backward(np.ones(2))
 
 
+def test_unsaved_intermediate_arrays_are_freed_before_backward():
+    """The graph keeps only what save_for_backward saved: Add saves nothing, so
+    the array of `a` dies with its Tensor, and the backward is still right."""
+    import gc
+    import weakref
+    x = Tensor(np.arange(3.0), requires_grad=True)
+    a = x * Tensor(np.full(3, 2.0))          # Mul saves x and the constant, not its output
+    y = a + a                                # Add saves nothing
+    out = weakref.ref(a.data)
+    del a
+    gc.collect()
+    assert out() is None
+    y.backward(np.ones(3))
+    np.testing.assert_array_equal(x.grad, np.full(3, 4.0))
+
+
 def test_intermediate_gradients_are_not_kept():
     x = Tensor(np.ones(2), requires_grad=True)
     h = x * x

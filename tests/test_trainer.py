@@ -115,14 +115,14 @@ def test_test_and_early_stop_need_their_files(tok, data, tmp_path):
 def test_early_stop_keeps_the_best_adapter(tok, data, tmp_path):
     out = tmp_path / "ad"
     # a learning rate high enough to overshoot: validation stops improving, training stops early
-    result = train(config(data, out, iters=60, learning_rate=0.5, steps_per_eval=2, early_stop=2), tiny_model(tok),
+    result = train(config(data, out, iters=60, learning_rate=3.0, steps_per_eval=2, early_stop=2), tiny_model(tok),
                    tok, progress=False, log=lambda *a: None)
     assert result.stopped_early and result.steps < 60
     best = load_adapter(tiny_model(tok), out / "best")           # the best adapter really is the best one
     valid = encode_split(load_dataset(data)["valid"], tok)
     assert evaluate(best, valid, 2, -1) == pytest.approx(result.best_val, rel=1e-5)
     assert result.best_val == min(v for _, v in result.val_losses)
-    again = train(config(data, out, iters=60, learning_rate=0.5, steps_per_eval=2, early_stop=2, resume=True),
+    again = train(config(data, out, iters=60, learning_rate=3.0, steps_per_eval=2, early_stop=2, resume=True),
                   tiny_model(tok), tok, progress=False, log=lambda *a: None)
     assert again.steps == result.steps                           # a finished run resumes to nothing
 

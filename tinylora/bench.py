@@ -1,12 +1,16 @@
 """`tinylora bench`: tinylora and PyTorch+PEFT side by side, on the same CPU, in one run.
 
-Workloads (SPEC §4): LoRA r=8 training, batch 2 x 128 tokens, float32, on
-SmolLM2-135M with all seven projections adapted and with q/v only, and on a
-random-init model of Qwen2.5-0.5B's shape; greedy decoding with a KV cache
-(28-token prompt, 64 new tokens) on both models, with tinylora's frozen
-weights stored in bf16 (and once in fp32, for comparison; the peer runs
-fp32, its fastest on these CPUs); and training on SmolLM2 at sequence
-lengths 128 to 2048 (how cost grows).
+Workloads (SPEC §4): LoRA r=8 training, batch 2 x 128 tokens, float32
+activations, on SmolLM2-135M with all seven projections adapted and with
+q/v only, and on a random-init model of Qwen2.5-0.5B's shape; greedy
+decoding with a KV cache (28-token prompt, 64 new tokens) on both models;
+and training on SmolLM2 at sequence lengths 128 to 2048 (how cost grows).
+
+tinylora keeps the frozen weights in bf16 (`load_model(dtype="bfloat16")`,
+`--dtype bfloat16` on the command line): half the memory, half the bytes per
+decoded token, float32 arithmetic. One training and one decoding row repeat
+the work with float32 weights, to show what bf16 buys. The peer runs
+float32 throughout, its fastest on these CPUs (no bf16 matrix units).
 
 How it measures, and why:
 * These machines' speed swings by up to 2x from minute to minute, so the two
@@ -53,17 +57,18 @@ GEMM_N = 2048
 
 def workloads(max_seq: int = 2048) -> list[Workload]:
     """The benchmark's workloads in the order they run (the table's rows)."""
-    rows = [Workload("train SmolLM2-135M, all seven", "train", "smollm2"),
-            Workload("train SmolLM2-135M, q/v only", "train", "smollm2", targets=("q_proj", "v_proj")),
-            Workload("train Qwen2.5-0.5B shape, all seven", "train", "qwen2.5-0.5b"),
-            Workload("decode SmolLM2-135M (tinylora bf16 weights)", "decode", "smollm2", dtype="bfloat16"),
-            Workload("decode SmolLM2-135M (tinylora fp32)", "decode", "smollm2"),
-            Workload("decode Qwen2.5-0.5B shape (tinylora bf16 weights)", "decode", "qwen2.5-0.5b",
-                     dtype="bfloat16")]
+    bf16 = "bfloat16"
+    rows = [Workload("train SmolLM2-135M, all seven", "train", "smollm2", dtype=bf16),
+            Workload("train SmolLM2-135M, q/v only", "train", "smollm2", targets=("q_proj", "v_proj"), dtype=bf16),
+            Workload("train Qwen2.5-0.5B shape, all seven", "train", "qwen2.5-0.5b", dtype=bf16),
+            Workload("train SmolLM2-135M, all seven, tinylora fp32 weights", "train", "smollm2"),
+            Workload("decode SmolLM2-135M", "decode", "smollm2", dtype=bf16),
+            Workload("decode SmolLM2-135M, tinylora fp32 weights", "decode", "smollm2"),
+            Workload("decode Qwen2.5-0.5B shape", "decode", "qwen2.5-0.5b", dtype=bf16)]
     for T in SEQ_LENGTHS[1:]:
         if T <= max_seq:          # long sequences: fewer repetitions (a step of 2 x 2048 takes ~30 s)
             rows.append(Workload(f"train SmolLM2-135M, all seven, 2 x {T}", "train", "smollm2", seq=T,
-                                 repeats=3 if T <= 512 else 2))
+                                 dtype=bf16, repeats=3 if T <= 512 else 2))
     return rows
 
 

@@ -17,7 +17,6 @@ import numpy as np
 from .config import ModelConfig
 from .formats.hub import resolve_model
 from .formats.safetensors import load_checkpoint
-from .kernels.matmul import f32_to_bf16
 from .model import CausalLM
 from .tokenizer import Tokenizer
 
@@ -38,10 +37,8 @@ def load_model(name_or_path: str | Path, dtype: str = "float32", weights_dir: st
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     folder = resolve_model(name_or_path, weights_dir)
     config = ModelConfig.from_json(folder / "config.json")
-    tensors = load_checkpoint(folder, keep_bf16=(dtype == "bfloat16"))
-    if dtype == "bfloat16":
-        tensors = {name: f32_to_bf16(np.ascontiguousarray(a, dtype=np.float32))
-                   if a.ndim == 2 and a.dtype != np.uint16 else a for name, a in tensors.items()}
+    bf16 = dtype == "bfloat16"
+    tensors = load_checkpoint(folder, keep_bf16=bf16, round_to_bf16=bf16)
     model = CausalLM.from_state_dict(config, tensors, dtype=DTYPES[dtype], source=str(folder))
     model.name_or_path = str(name_or_path)     # what the user asked for (PEFT's base_model_name_or_path)
     model.folder = folder                      # where its files are (tokenizer files for `fuse`)

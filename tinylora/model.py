@@ -254,8 +254,11 @@ def random_state_dict(config: ModelConfig, rng: np.random.Generator, dtype=np.fl
     """A random checkpoint for tests and benchmarks: N(0, std²) weights and biases, norms near 1."""
     tensors = {}
     for name, shape in expected_shapes(config).items():
+        # Drawn directly in the target dtype and scaled in place: a Qwen-sized
+        # embedding table drawn in float64 first would briefly need 2 GB more.
+        a = rng.standard_normal(shape, dtype=np.dtype(dtype).type)
+        a *= 0.1 if name.endswith("norm.weight") else std
         if name.endswith("norm.weight"):
-            tensors[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(dtype)
-        else:
-            tensors[name] = (std * rng.standard_normal(shape)).astype(dtype)
+            a += 1.0
+        tensors[name] = a
     return tensors

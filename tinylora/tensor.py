@@ -10,8 +10,11 @@ spirit of micrograd and early tinygrad:
   `backward` written side by side (see `tinylora/ops/`). `Function.apply`
   runs the forward on plain arrays and, when a gradient may be needed, records
   the call as a node of the graph: the output tensor remembers the `Function`
-  instance (its "context"), which remembers its input tensors and whatever the
-  forward saved for the backward.
+  instance (its "context"), which remembers where its inputs came from (the
+  Functions that made them, or the trainable leaves themselves) and whatever
+  the forward saved for the backward. The graph holds no intermediate Tensor,
+  so an activation no backward needs is freed as soon as the forward is done
+  with it: only what `save_for_backward` kept stays alive.
 * `Tensor.backward()` sorts the graph topologically, walks it in reverse,
   calls each node's `backward` with the gradient of its output and adds (`+=`)
   the results into the gradients of the inputs. A tensor used twice therefore
@@ -180,51 +183,56 @@ class Tensor:
         if dy.shape != self.shape:
             raise ValueError(f"backward(): dy has shape {dy.shape}, tensor has shape {self.shape}")
 
-        # Pending gradients of non-leaf tensors, keyed by id(tensor). A result
-        # of backward may alias its dy (Add passes dy straight through), so we
+        # Pending gradients, keyed by id(node). A node is a Function (standing
+        # for the tensor it produced) or a trainable leaf Tensor. A result of
+        # backward may alias its dy (Add passes dy straight through), so we
         # never update a stored gradient in place: `g = g + new` makes a copy.
-        pending: dict[int, np.ndarray] = {id(self): dy}
-        for node in reversed(_topological_order(self)):
+        root = self._ctx
+        if root is None:                         # backward on a trainable leaf itself: dL/dx = dy
+            self.grad = dy.copy() if self.grad is None else self.grad + dy
+            return
+        if root.freed:
+            raise RuntimeError("backward() through a graph that an earlier backward() already freed; "
+                               "recompute the forward pass")
+        pending: dict[int, np.ndarray] = {id(root): dy}
+        for node in reversed(_topological_order(root)):
             g = pending.pop(id(node), None)
-            ctx = node._ctx
-            if ctx is _FREED:
-                raise RuntimeError("backward() through a graph that an earlier backward() already freed; "
-                                   "recompute the forward pass")
-            if ctx is None:                      # a trainable leaf
+            if isinstance(node, Tensor):         # a trainable leaf
                 if g is not None:
                     node.grad = g.copy() if node.grad is None else node.grad + g
                 continue
-            node._ctx = _FREED                   # free the graph as we pass it
+            parents = node.parents
+            node.parents, node.freed = (), True   # free the graph as we pass it
             if g is None:                        # no path from here to the output
+                node.saved = ()
                 continue
-            input_grads = ctx.backward(g)
+            input_grads = node.backward(g)
+            node.saved = ()                      # drop the saved activations
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
-            if len(input_grads) != len(ctx.parents):
-                raise RuntimeError(f"{type(ctx).__name__}.backward returned {len(input_grads)} "
-                                   f"gradients for {len(ctx.parents)} inputs")
-            for parent, needed, dx in zip(ctx.parents, ctx.needs_input_grad, input_grads):
+            if len(input_grads) != len(parents):
+                raise RuntimeError(f"{type(node).__name__}.backward returned {len(input_grads)} "
+                                   f"gradients for {len(parents)} inputs")
+            for parent, needed, dx in zip(parents, node.needs_input_grad, input_grads):
                 if not needed or dx is None:
                     continue
                 if dx.shape != parent.shape:
-                    raise RuntimeError(f"{type(ctx).__name__}.backward: gradient of shape {dx.shape} "
+                    raise RuntimeError(f"{type(node).__name__}.backward: gradient of shape {dx.shape} "
                                        f"for an input of shape {parent.shape}")
                 key = id(parent)
                 pending[key] = dx if key not in pending else pending[key] + dx
-            ctx.parents = ()                     # drop references to inputs
-            ctx.saved = ()                       # and to saved activations
 
 
-def _topological_order(root: Tensor) -> list[Tensor]:
-    """Tensors reachable from `root` through recorded Functions, inputs first.
+def _topological_order(root: Function) -> list:
+    """Nodes reachable from `root`, inputs first: Functions, and trainable leaves.
 
     Iterative depth-first search (a 30-layer model has thousands of nodes, more
-    than Python's recursion limit would like). Only tensors that require grad
+    than Python's recursion limit would like). Only inputs that require grad
     are visited: frozen tensors are not part of the differentiated graph.
     """
-    order: list[Tensor] = []
+    order: list = []
     visited: set[int] = set()
-    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    stack: list[tuple[object, bool]] = [(root, False)]
     while stack:
         node, children_done = stack.pop()
         if children_done:
@@ -233,21 +241,15 @@ def _topological_order(root: Tensor) -> list[Tensor]:
         if id(node) in visited:
             continue
         visited.add(id(node))
+        if isinstance(node, Function) and node.freed:
+            raise RuntimeError("backward() through a graph that an earlier backward() already freed; "
+                               "recompute the forward pass")
         stack.append((node, True))
-        if node._ctx is not None:
-            for parent, needed in zip(node._ctx.parents, node._ctx.needs_input_grad):
+        if isinstance(node, Function):
+            for parent, needed in zip(node.parents, node.needs_input_grad):
                 if needed and id(parent) not in visited:
                     stack.append((parent, False))
     return order
-
-
-class _Freed:
-    """Stands in for a node's context once backward has passed it."""
-    parents: tuple = ()
-    needs_input_grad: tuple = ()
-
-
-_FREED = _Freed()
 
 
 def _as_tensor(x, dtype) -> Tensor:
@@ -274,9 +276,11 @@ class Function:
     The Function instance itself is the node's context.
     """
 
-    parents: tuple[Tensor, ...]
+    parents: tuple                  # per input: the Function that made it, or the trainable leaf itself
     needs_input_grad: tuple[bool, ...]
     saved: tuple
+    shape: tuple[int, ...]          # of the output
+    freed: bool                     # set once backward has passed this node
 
     @classmethod
     def apply(cls, *inputs: Tensor, **options) -> Tensor:
@@ -290,7 +294,13 @@ class Function:
         out = Tensor(ctx.forward(*(t.data for t in inputs), **options),
                      requires_grad=any(ctx.needs_input_grad))
         if out.requires_grad:
-            ctx.parents = inputs
+            # The graph's edges lead to the Functions that made the inputs (or to
+            # the trainable leaves themselves), never to intermediate Tensors:
+            # an intermediate array nothing saved is freed as soon as Python
+            # drops its Tensor, instead of living on in the graph until backward.
+            ctx.parents = tuple(t if t._ctx is None else t._ctx for t in inputs)
+            ctx.shape = out.data.shape           # the shape its gradient must have
+            ctx.freed = False
             out._ctx = ctx
         return out
 

@@ -143,11 +143,15 @@ def _check_entry(path: Path, name: str, entry, data_size: int) -> None:
         raise bad(f"shape {shape} of {dtype} needs {nbytes} bytes, data_offsets give {offsets[1] - offsets[0]}")
 
 
-def read_safetensors(path: str | os.PathLike, keep_bf16: bool = False) -> dict[str, np.ndarray]:
+def read_safetensors(path: str | os.PathLike, keep_bf16: bool = False,
+                     round_to_bf16: bool = False) -> dict[str, np.ndarray]:
     """path -> {name: array}, in file order; BF16 -> float32, or np.uint16 bits with keep_bf16.
 
     Each tensor is read straight from the file into its own (aligned, writable)
     array with np.fromfile: a 1 GB checkpoint is never a 1 GB Python bytes object.
+    round_to_bf16: float matrices (2-D) become bf16 bits too, rounded to nearest
+    even as each is read, so a float32 checkpoint loads into half its size
+    without ever being in memory whole.
     """
     path = Path(path)
     header, _, data_start = read_header(path)
@@ -163,6 +167,8 @@ def read_safetensors(path: str | os.PathLike, keep_bf16: bool = False) -> dict[s
             array = array.reshape(shape)
             if dtype == "BF16" and not keep_bf16:
                 array = bf16_to_f32(array)
+            elif round_to_bf16 and dtype in ("F16", "F32", "F64") and array.ndim == 2:
+                array = f32_to_bf16(np.ascontiguousarray(array, dtype=np.float32))
             tensors[name] = array
     return tensors
 
@@ -172,12 +178,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return read_header(path)[1]
 
 
-def load_checkpoint(folder: str | os.PathLike, keep_bf16: bool = False) -> dict[str, np.ndarray]:
+def load_checkpoint(folder: str | os.PathLike, keep_bf16: bool = False,
+                    round_to_bf16: bool = False) -> dict[str, np.ndarray]:
     """An HF-format folder's weights -> {name: array}.
 
     Either one `model.safetensors`, or shards listed by `model.safetensors.index.json`
     ({"weight_map": {tensor name: shard file}}). Every tensor the index names
     must be in the shard it names; a missing shard is an error naming it.
+    keep_bf16 and round_to_bf16 are read_safetensors'.
     """
     folder = Path(folder)
     index_path = folder / INDEX_FILE
@@ -188,7 +196,7 @@ def load_checkpoint(folder: str | os.PathLike, keep_bf16: bool = False) -> dict[
             hint = f" (found {', '.join(others[:3])}: pickle checkpoints are not loaded, convert to safetensors)" \
                 if others else ""
             raise TinyloraError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
-        return read_safetensors(single, keep_bf16=keep_bf16)
+        return read_safetensors(single, keep_bf16, round_to_bf16)
 
     weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -198,7 +206,7 @@ def load_checkpoint(folder: str | os.PathLike, keep_bf16: bool = False) -> dict[
         shard = inside(folder, shard_name)
         if not shard.exists():
             raise TinyloraError(f"{index_path}: shard {shard_name!r} is missing from {folder}")
-        for name, array in read_safetensors(shard, keep_bf16=keep_bf16).items():
+        for name, array in read_safetensors(shard, keep_bf16, round_to_bf16).items():
             if name in tensors:
                 raise TinyloraError(f"{shard}: tensor {name!r} also appears in another shard")
             tensors[name] = array

@@ -98,6 +98,7 @@ class LinearCrossEntropy(Function):
                 dhc[part] = matmul_kernels.matmul(z, w_f)       # (n, C)  dh = dz W
             if need_dw:
                 dw += matmul_kernels.matmul(z.T, hc[part])      # (V, C)  dW = dzᵀ h
+            del z                                               # before the next block's logits exist
         count = len(counted)
         self.save_for_backward(counted, dhc, dw, h.shape, count)
         return _mean(total, count, h.dtype)
