@@ -23,6 +23,7 @@ physical cores), as NumPy's BLAS and Numba do.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +63,15 @@ class Workload:
         return self.batch * self.seq if self.kind == "train" else self.new
 
 
+MODELS = ("smollm2", "qwen2.5-0.5b")
+
+
+def _check(workload: Workload) -> None:
+    if workload.model not in MODELS or workload.kind not in ("train", "decode"):
+        raise ValueError(f"unknown benchmark workload: model {workload.model!r} (one of {', '.join(MODELS)}), "
+                         f"kind {workload.kind!r} (train or decode)")
+
+
 def _batch(workload: Workload, vocab: int) -> np.ndarray:
     """The random token batch both sides train on (B, T), the same for a given workload."""
     rng = np.random.default_rng(1234)
@@ -73,19 +83,17 @@ def _batch(workload: Workload, vocab: int) -> np.ndarray:
 def _tinylora_runner(workload: Workload, model_dir: str | None):
     from .config import ModelConfig
     from .generate import stream_generate
-    from .kernels.matmul import f32_to_bf16
     from .lora import LoraConfig, apply_lora, lora_parameters
     from .loading import load_model
     from .model import CausalLM, random_state_dict
     from .optim import AdamW
 
+    _check(workload)
     if workload.model == "smollm2":
         model = load_model(model_dir, dtype=workload.dtype)
     else:
         config = ModelConfig.from_dict(QWEN25_05B, source="Qwen2.5-0.5B shape")
-        tensors = random_state_dict(config, np.random.default_rng(0))
-        if workload.dtype == "bfloat16":          # as load_model does for a float32 checkpoint
-            tensors = {name: f32_to_bf16(a) if a.ndim == 2 else a for name, a in tensors.items()}
+        tensors = random_state_dict(config, np.random.default_rng(0), bf16=workload.dtype == "bfloat16")
         model = CausalLM.from_state_dict(config, tensors)
     ids = _batch(workload, model.config.vocab_size)
     if workload.kind == "decode":
@@ -115,6 +123,8 @@ def _peft_runner(workload: Workload, model_dir: str | None):
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)      # deprecation notices inside transformers
+    _check(workload)
     if workload.model == "smollm2":
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     else:

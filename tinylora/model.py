@@ -26,6 +26,7 @@ import numpy as np
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import TinyloraError
+from .kernels.matmul import f32_to_bf16
 from .nn import Embedding, Linear, Module, RMSNorm
 from .ops.attention import attention
 from .ops.cross_entropy import linear_cross_entropy
@@ -250,8 +251,13 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def random_state_dict(config: ModelConfig, rng: np.random.Generator, dtype=np.float32,
-                      std: float = 0.02) -> dict[str, np.ndarray]:
-    """A random checkpoint for tests and benchmarks: N(0, std²) weights and biases, norms near 1."""
+                      std: float = 0.02, bf16: bool = False) -> dict[str, np.ndarray]:
+    """A random checkpoint for tests and benchmarks: N(0, std²) weights and biases, norms near 1.
+
+    bf16: float32 matrices are rounded to bf16 bits one at a time, as drawn (what
+    load_model(dtype="bfloat16") does with a float32 file), so the float32 model
+    never exists whole.
+    """
     tensors = {}
     for name, shape in expected_shapes(config).items():
         # Drawn directly in the target dtype and scaled in place: a Qwen-sized
@@ -260,5 +266,5 @@ def random_state_dict(config: ModelConfig, rng: np.random.Generator, dtype=np.fl
         a *= 0.1 if name.endswith("norm.weight") else std
         if name.endswith("norm.weight"):
             a += 1.0
-        tensors[name] = a
+        tensors[name] = f32_to_bf16(a) if bf16 and a.ndim == 2 else a
     return tensors

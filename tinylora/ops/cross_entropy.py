@@ -32,6 +32,11 @@ from ..tensor import Function, Tensor
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 8 << 20    # logits per block in LinearCrossEntropy: 32 MB in float32, about the L3 size
+# A bf16 W is widened tile by tile once per block (kernels/matmul.py), twice
+# counting dh = dz W; with Qwen's 151936 words a 32 MB block is 55 rows, and
+# widening all of W ten times costs more than the products. So bf16 blocks
+# hold at least this many rows: more memory for the block, far fewer widenings.
+BF16_MIN_ROWS = 256
 
 
 def _check_labels(labels, N: int, V: int, ignore_index: int) -> np.ndarray:
@@ -87,7 +92,7 @@ class LinearCrossEntropy(Function):
         w_f = w if matmul_kernels.is_bf16(w) else w.astype(h.dtype, copy=False)
         dhc = np.empty_like(hc) if need_dh else None              # (N_c, C)
         dw = np.zeros((V, C), dtype=h.dtype) if need_dw else None
-        rows = chunk_rows or max(1, CHUNK_ELEMENTS // V)
+        rows = chunk_rows or max(1, CHUNK_ELEMENTS // V, BF16_MIN_ROWS if matmul_kernels.is_bf16(w) else 1)
         total = 0.0
         for r0 in range(0, len(counted), rows):
             part = slice(r0, r0 + rows)

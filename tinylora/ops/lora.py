@@ -42,7 +42,7 @@ class LoraLinearFn(Function):
         xd = x2 if keep is None else x2 * keep                          # (N, in)  drop(x)
         y = matmul_kernels.linear(x2, w, bias)                          # (N, out) x Wᵀ + bias
         u = xd @ lora_a.T                                               # (N, R)   drop(x) Aᵀ
-        y += scale * (u @ lora_b.T)                                     # (N, out) + s · u Bᵀ
+        y += (u * scale) @ lora_b.T                                     # (N, out) + s · u Bᵀ, s on the thin side
         self.save_for_backward(xd, w, lora_a, lora_b, u, keep, x.shape, scale)
         return y.reshape(x.shape[:-1] + (w.shape[0],))
 
@@ -56,7 +56,9 @@ class LoraLinearFn(Function):
             if keep is not None:
                 bypass *= keep                                          # drop'(du A)
             w_dy = w if matmul_kernels.is_bf16(w) else w.astype(dy.dtype, copy=False)
-            dx = (matmul_kernels.matmul(dy2, w_dy) + bypass).reshape(x_shape)   # dy W + drop'(du A)
+            dx = matmul_kernels.matmul(dy2, w_dy)                       # (N, in)   dy W
+            dx += bypass                                                #           + drop'(du A)
+            dx = dx.reshape(x_shape)
         if self.needs_input_grad[2]:
             da = du.T @ xd                                              # (R, in)   duᵀ drop(x)
         if self.needs_input_grad[3]:
