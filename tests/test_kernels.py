@@ -231,3 +231,31 @@ def test_serial_and_parallel_compilations_agree():
                 assert_close(a, b, 1e-5, name)
             else:
                 np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+# ---- the vectorised exp -----------------------------------------------------------------------
+def test_exp_f32_within_two_ulp_and_exact_edges():
+    import numba as nb
+
+    from tinylora.kernels.exp import X_MAX, X_MIN, exp_like
+
+    @nb.njit
+    def exp_all(x):
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = exp_like(x[i])
+        return out
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-87.3, 88.7, 200_000), rng.uniform(-1, 1, 10_000),
+                        [0.0, -0.0, 1e-30, -1e-30, 88.7, -87.3]]).astype(np.float32)
+    got, want = exp_all(x), np.exp(x.astype(np.float64))
+    assert got.dtype == np.float32
+    ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
+    err = np.abs(got - want) / ulp
+    assert err.max() <= 2.0, f"max error {err.max():.2f} ulp at x = {x[err.argmax()]}"
+    edges = np.array([np.nan, np.inf, -np.inf, X_MAX * 1.001, X_MIN * 1.001, -200.0], dtype=np.float32)
+    e = exp_all(edges)
+    assert np.isnan(e[0]) and e[1] == np.inf and e[2] == 0.0 and e[3] == np.inf and e[4] == 0.0 and e[5] == 0.0
+    x64 = rng.uniform(-700, 700, 1000)
+    np.testing.assert_allclose(exp_all(x64), np.exp(x64), rtol=1e-15)   # float64 keeps the C library's exp

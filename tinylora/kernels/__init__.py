@@ -56,3 +56,22 @@ def parallel_when_large(min_size: int, fastmath=False):
         kernel.__name__, kernel.__qualname__, kernel.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
         return kernel
     return compile_twice
+
+
+@nb.njit(inline="always", cache=True)
+def sum_f64(row, n):
+    """row[:n] summed in float64, as four interleaved partial sums: without fast-math
+    flags one accumulator is a chain of dependent additions, each waiting for the
+    last; four chains overlap in the pipeline. The order is still fixed."""
+    s0 = s1 = s2 = s3 = 0.0
+    j = 0
+    while j + 4 <= n:
+        s0 += row[j]
+        s1 += row[j + 1]
+        s2 += row[j + 2]
+        s3 += row[j + 3]
+        j += 4
+    while j < n:
+        s0 += row[j]
+        j += 1
+    return (s0 + s1) + (s2 + s3)

@@ -43,8 +43,9 @@ bounded by (B, K, Q_BLOCK*G, S) whatever T is.
 Like FlashAttention (Dao et al., 2022) the forward keeps only lse per
 (b, t, h), not the (T, S) probability matrix; the backward recomputes each
 tile of p from s and lse. Products run in the input's dtype (float32 BLAS
-accumulates in float32, as PyTorch's does); the softmax's max, sum and log
-are taken in float64, and lse is always float64. No fastmath: it would let
+accumulates in float32, as PyTorch's does); exp is kernels/exp.py's, in
+the input's precision; the softmax's sum and log are taken in float64, and
+lse is always float64. No fastmath: it would let
 LLVM assume NaN never occurs and turn one into 0.
 
 The op and its math are in `tinylora/ops/attention.py`; the vectorised NumPy
@@ -54,7 +55,8 @@ reference these kernels are tested against is in `tests/test_attention.py`.
 import numba as nb
 import numpy as np
 
-from . import PARALLEL_MIN, parallel_when_large
+from . import PARALLEL_MIN, parallel_when_large, sum_f64
+from .exp import exp_like
 
 Q_BLOCK = 256      # query positions per tile: bounds the score tile's memory, skips the causal upper half
 
@@ -89,16 +91,14 @@ def softmax_rows(s, key_mask, first, G, lse):
             row[:] = 0.0
             lse[b, g, r] = np.inf             # exp(s - inf) = 0 in the backward
             continue
-        # Pass 2: e_j = exp(s_j - m), l = sum_j e_j; then p_j = e_j / l.
-        l = 0.0
-        for j in range(Sb):
-            if j <= last and key_mask[b, j]:
-                e = np.exp(np.float64(row[j]) - m)
-                row[j] = e
-                l += e
-            else:
-                row[j] = 0.0
-        inv = 1.0 / l
+        # Pass 2: e_j = exp(s_j - m) (a loop LLVM vectorises: no sum in it),
+        # then l = sum_j e_j, and p_j = e_j / l.
+        m_row, zero = row.dtype.type(m), row.dtype.type(0.0)
+        for j in range(last + 1):
+            row[j] = exp_like(row[j] - m_row) if key_mask[b, j] else zero
+        row[last + 1:] = zero
+        l = sum_f64(row, last + 1)
+        inv = row.dtype.type(1.0 / l)
         for j in range(last + 1):
             row[j] *= inv
         lse[b, g, r] = m + np.log(l)          # log sum_j exp(s_j) = m + log sum_j exp(s_j - m)
@@ -118,14 +118,15 @@ def softmax_rows_backward(s, dp, lse, delta, key_mask, first, G):
         b, g, r = item // (K * R), (item // R) % K, item % R
         last = min(first + r // G, Sb - 1)
         row, drow = s[b, g, r], dp[b, g, r]
-        for j in range(Sb):
-            if j <= last and key_mask[b, j]:
-                p = np.exp(np.float64(row[j]) - lse[b, g, r])
-                row[j] = p
-                drow[j] = p * (drow[j] - delta[b, g, r])
-            else:
-                row[j] = 0.0
-                drow[j] = 0.0
+        lse_row, delta_row = row.dtype.type(lse[b, g, r]), row.dtype.type(delta[b, g, r])
+        zero = row.dtype.type(0.0)
+        for j in range(last + 1):                       # vectorised, as in softmax_rows
+            visible = key_mask[b, j]
+            p = exp_like(row[j] - lse_row) if visible else zero
+            row[j] = p
+            drow[j] = p * (drow[j] - delta_row) if visible else zero
+        row[last + 1:] = zero
+        drow[last + 1:] = zero
 
 
 def _grouped(q, K):

@@ -15,7 +15,8 @@ are in `tinylora/ops/cross_entropy.py`.
 import numba as nb
 import numpy as np
 
-from . import PARALLEL_MIN, parallel_when_large
+from . import PARALLEL_MIN, parallel_when_large, sum_f64
+from .exp import exp_like
 
 
 @parallel_when_large(PARALLEL_MIN)
@@ -44,19 +45,14 @@ def cross_entropy_rows(z, labels, ignore_index, grad):
             if row[v] > m or np.isnan(row[v]):
                 m = row[v]
         target = row[c]
-        total = 0.0
-        if grad:
-            for v in range(V):
-                e = np.exp(np.float64(row[v]) - m)
-                row[v] = e
-                total += e
-        else:
-            for v in range(V):
-                total += np.exp(np.float64(row[v]) - m)
+        e = row if grad else np.empty(V, dtype=z.dtype)   # with grad, exp(z - m) overwrites z: dz below
+        for v in range(V):                      # a loop LLVM vectorises (kernels/exp.py)
+            e[v] = exp_like(row[v] - m)
+        total = sum_f64(e, V)
         lse[n] = m + np.log(total)              # log sum exp z = m + log sum exp(z - m)
         loss[n] = lse[n] - target
         if grad:
-            inv = 1.0 / total
+            inv = z.dtype.type(1.0 / total)
             for v in range(V):
                 row[v] *= inv                   # softmax(z)_v = exp(z_v - m) / sum
             row[c] -= 1.0                       # - onehot(c)

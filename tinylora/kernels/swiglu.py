@@ -3,14 +3,15 @@
     y = silu(g) * u,   silu(g) = g * s,   s = sigmoid(g) = 1 / (1 + exp(-g))
 
 Fusing the SiLU and the product reads g and u once and writes y once, instead
-of three NumPy passes with two temporaries of size (N, F). The op is in
-`tinylora/ops/swiglu.py`.
+of three NumPy passes with two temporaries of size (N, F); exp is
+kernels/exp.py's, which LLVM vectorises. The op is in `tinylora/ops/swiglu.py`.
 """
 
 import numba as nb
 import numpy as np
 
 from . import PARALLEL_MIN, parallel_when_large
+from .exp import exp_like
 
 
 @parallel_when_large(PARALLEL_MIN)
@@ -18,9 +19,10 @@ def swiglu_forward(g, u):
     """g (N, F), u (N, F) -> y (N, F)"""
     N, F = g.shape
     y = np.empty_like(g)
+    one = g.dtype.type(1.0)
     for n in nb.prange(N):
         for f in range(F):
-            s = 1.0 / (1.0 + np.exp(-g[n, f]))
+            s = one / (one + exp_like(-g[n, f]))
             y[n, f] = g[n, f] * s * u[n, f]
     return y
 
@@ -36,9 +38,10 @@ def swiglu_backward(dy, g, u):
     N, F = g.shape
     dg = np.empty_like(g)
     du = np.empty_like(u)
+    one = g.dtype.type(1.0)
     for n in nb.prange(N):
         for f in range(F):
-            s = 1.0 / (1.0 + np.exp(-g[n, f]))
+            s = one / (one + exp_like(-g[n, f]))
             du[n, f] = dy[n, f] * g[n, f] * s
-            dg[n, f] = dy[n, f] * u[n, f] * s * (1.0 + g[n, f] * (1.0 - s))
+            dg[n, f] = dy[n, f] * u[n, f] * s * (one + g[n, f] * (one - s))
     return dg, du
