@@ -283,7 +283,11 @@ def _widen_rows(w_bits, n0, n1, out):
 # grows with M, while the tiled path's widening cost does not: measured on
 # the bench shapes, rows win at M <= 2, tie at M = 4 and lose 2-3x at M = 8.
 SMALL_M = 4                 # up to here, bf16 products use gemv_nt_bf16
-TILE_BYTES = 1 << 20        # fp32 bytes of W widened per BLAS call (stays in L2/L3)
+# fp32 bytes of W widened per BLAS call (stays in L3). Measured at M = 256:
+# 1 MB tiles cut a 1536 x 576 product into four BLAS calls of 455 columns and
+# ran at 0.75-0.9x of fp32; 4 MB (one call for every SmolLM2 projection)
+# runs at 0.9-1.0x; 8 MB gains nothing more.
+TILE_BYTES = 4 << 20
 
 
 def _tile_rows(K: int) -> int:
@@ -343,7 +347,7 @@ def matmul_bf16(a: np.ndarray, w_bits: np.ndarray) -> np.ndarray:
 #   * bf16 weights, M <= SMALL_M  -> gemv_nt_bf16: it reads half the bytes,
 #     and with its two fast-math flags streams them as fast as memory allows:
 #     ~2x fp32 BLAS on lm_head-sized weights, ~1x on small ones.
-#   * bf16 weights, M >  SMALL_M  -> widened tiles + BLAS, 0.75-0.85x of fp32.
+#   * bf16 weights, M >  SMALL_M  -> widened 4 MB tiles + BLAS, 0.9-1.0x of fp32.
 #   * bf16 weights, float64 x     -> widen all of W (tests and gradcheck only).
 # The fp32 paths are the fastest; bf16 trades some speed for half the memory.
 # --------------------------------------------------------------------------
