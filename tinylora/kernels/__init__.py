@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import types
 
 import numba as nb
+import numpy as np
 
 
 # Elements of the largest array below which a kernel runs on one thread (an
@@ -75,3 +76,28 @@ def sum_f64(row, n):
         s0 += row[j]
         j += 1
     return (s0 + s1) + (s2 + s3)
+
+
+@nb.njit(inline="always", cache=True)
+def max_or_nan(row, n):
+    """max of row[:n] (n >= 1), or NaN if any entry is NaN; four interleaved partial
+    maxima and a NaN flag, loops LLVM vectorises without fast-math flags."""
+    m0 = m1 = m2 = m3 = row[0]
+    nan = row[0] != row[0]
+    j = 0
+    while j + 4 <= n:
+        a, b, c, d = row[j], row[j + 1], row[j + 2], row[j + 3]
+        m0 = a if a > m0 else m0
+        m1 = b if b > m1 else m1
+        m2 = c if c > m2 else m2
+        m3 = d if d > m3 else m3
+        nan |= (a != a) | (b != b) | (c != c) | (d != d)
+        j += 4
+    while j < n:
+        m0 = row[j] if row[j] > m0 else m0
+        nan |= row[j] != row[j]
+        j += 1
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m = m2 if m2 > m0 else m0
+    return row.dtype.type(np.nan) if nan else m

@@ -15,7 +15,7 @@ are in `tinylora/ops/cross_entropy.py`.
 import numba as nb
 import numpy as np
 
-from . import PARALLEL_MIN, parallel_when_large, sum_f64
+from . import PARALLEL_MIN, max_or_nan, parallel_when_large, sum_f64
 from .exp import exp_like
 
 
@@ -38,17 +38,19 @@ def cross_entropy_rows(z, labels, ignore_index, grad):
             if grad:
                 row[:] = 0.0
             continue
-        # m = max z (a NaN anywhere becomes m and makes the whole row NaN);
-        # subtracting it keeps every exponent <= 0, so exp cannot overflow.
-        m = row[0]
-        for v in range(1, V):
-            if row[v] > m or np.isnan(row[v]):
-                m = row[v]
+        # m = max z (NaN if any logit is NaN, which then makes the whole row
+        # NaN); subtracting it keeps every exponent <= 0, so exp cannot overflow.
+        m = max_or_nan(row, V)
         target = row[c]
-        e = row if grad else np.empty(V, dtype=z.dtype)   # with grad, exp(z - m) overwrites z: dz below
-        for v in range(V):                      # a loop LLVM vectorises (kernels/exp.py)
-            e[v] = exp_like(row[v] - m)
-        total = sum_f64(e, V)
+        if grad:                                # exp(z - m) overwrites z: it becomes dz below
+            for v in range(V):                  # a loop LLVM vectorises (kernels/exp.py)
+                row[v] = exp_like(row[v] - m)
+            total = sum_f64(row, V)
+        else:
+            e = np.empty(V, dtype=z.dtype)
+            for v in range(V):
+                e[v] = exp_like(row[v] - m)
+            total = sum_f64(e, V)
         lse[n] = m + np.log(total)              # log sum exp z = m + log sum exp(z - m)
         loss[n] = lse[n] - target
         if grad:
