@@ -46,6 +46,20 @@ def _one_line_error(capsys, argv, words):
     assert words in err, err
 
 
+def test_internal_errors_exit_1_in_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    import tinylora.cli as cli
+
+    def broken(args):
+        raise ZeroDivisionError("division by zero")
+    monkeypatch.setattr(cli, "_cmd_info", broken)
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("tinylora info: internal error: ZeroDivisionError: division by zero (this is a bug; "
+                   "--debug shows the traceback)")
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", "info"])
+
+
 def _qwen2_folder(path, **change):
     import json
     import numpy as np

@@ -223,3 +223,30 @@ def test_loss_matches_manual_shift():
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     expected = -np.mean([logp[1, 4], logp[2, 1], logp[3, 5]])      # logits at t score labels[t + 1]
     assert_close(model.loss(ids, labels).item(), expected, 1e-5, "shifted loss")
+
+
+# ---- random configs: a ModelConfig or one TinyloraError, never anything else ---------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(allow_nan=True),
+                    st.text(max_size=6), st.lists(st.integers(-1, 5), max_size=3),
+                    st.dictionaries(st.sampled_from(["rope_type", "type", "factor", "rope_theta"]),
+                                    st.one_of(st.text(max_size=6), st.floats(), st.integers(-2, 9)), max_size=3))
+_BASE = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 16}
+_KEYS = sorted(_BASE) + ["head_dim", "rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps",
+                         "tie_word_embeddings", "attention_bias", "mlp_bias", "eos_token_id", "hidden_act",
+                         "use_sliding_window", "layer_types", "max_position_embeddings"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(changes=st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=4))
+def test_random_configs_load_or_raise_a_tinylora_error(changes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            config = ModelConfig.from_dict(_BASE | changes, source="random.json")
+        except TinyloraError as e:
+            assert "\n" not in str(e) and str(e).startswith("random.json"), str(e)
+        else:
+            assert config.hidden_size > 0 and config.num_attention_heads % config.num_key_value_heads == 0

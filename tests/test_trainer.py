@@ -1,6 +1,7 @@
 """The training loop on a tiny random Qwen2: learning, exact resume, best/early stop, non-finite stop."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -163,3 +164,29 @@ def test_a_corrupt_trainer_state_is_one_line_naming_the_file(tok, data, tmp_path
     with pytest.raises(TinyloraError, match=r"trainer_state\.json: malformed JSON"):
         train(config(data, tmp_path / "ad", iters=4, resume=True), tiny_model(tok), tok, progress=False,
               log=lambda *a: None)
+
+
+def _current_rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc), in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_memory_stays_flat_over_a_long_run(tok, data, tmp_path, monkeypatch):
+    """2,000 steps with evaluation and checkpoints: no growth from graphs, caches or logs kept
+    alive. Memory after warm-up (step 200) may drift by allocator noise only."""
+    samples = {}
+    add = trainer_module.TrainLog.add
+
+    def add_and_measure(self, **entry):
+        if entry.get("kind") == "train":
+            samples[entry["step"]] = _current_rss_mb()
+        add(self, **entry)
+    monkeypatch.setattr(trainer_module.TrainLog, "add", add_and_measure)
+    train(config(data, tmp_path / "ad", iters=2000, steps_per_report=100, steps_per_eval=250, save_every=250),
+          tiny_model(tok), tok, progress=False, log=lambda *a: None)
+    settled = samples[200]
+    growth = max(v for s, v in samples.items() if s >= 200) - settled
+    assert growth < 15.0, f"memory grew by {growth:.1f} MB after step 200: {samples}"

@@ -2,7 +2,9 @@
 
 Each subcommand parses its flags and calls one library function; there is no
 logic here that the Python API lacks. Errors the user can fix are printed as
-one line on stderr with exit status 2; `--debug` shows the traceback instead.
+one line on stderr with exit status 2; anything else is a bug in tinylora,
+printed as one line with exit status 1; `--debug` shows the traceback instead
+of either. Ctrl-C exits with 130 and a one-line note.
 
 Subcommands: `demo`, `train`, `generate`, `fuse`, `info`, `download`,
 `import-gguf`, `gradcheck`, `bench`.
@@ -317,11 +319,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (TinyloraError, OSError) as e:
+    except (TinyloraError, OSError) as e:          # bad input, a missing file, a full disk: fixable
         if args.debug:
             raise
         print(f"tinylora {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"tinylora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:                          # anything else is tinylora's own fault
+        if args.debug:
+            raise
+        print(f"tinylora {args.command}: internal error: {type(e).__name__}: {e} (this is a bug; "
+              f"--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

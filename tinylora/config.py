@@ -17,6 +17,7 @@ reported in one warning, never silently dropped.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,34 +82,64 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
-        def need(key):
-            if key not in raw or raw[key] is None:
-                raise TinyloraError(f"{source}: missing field '{key}'")
-            return raw[key]
+        def bad(key, want):
+            return TinyloraError(f"{source}: field '{key}' must be {want}, got {raw[key]!r}")
 
-        archs = raw.get("architectures") or []
-        arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+        def integer(key, default=None, minimum=1):
+            """An int field (not a bool, not a float); missing or null -> default (required if None)."""
+            if raw.get(key) is None:
+                if default is None:
+                    raise TinyloraError(f"{source}: missing field '{key}'")
+                return default
+            v = raw[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise bad(key, f"an integer >= {minimum}")
+            return v
+
+        def positive(key, value, default):
+            """A positive finite number read from `value` (a sub-dict's entry or raw[key])."""
+            v = default if value is None else value
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise TinyloraError(f"{source}: field '{key}' must be a positive number, got {v!r}")
+            return float(v)
+
+        def flag(key, default=False):
+            v = raw.get(key, default)
+            if v is None:
+                return default
+            if not isinstance(v, bool):
+                raise bad(key, "true or false")
+            return v
+
+        def of_type(key, kind, want):
+            v = raw.get(key)
+            if v is not None and not isinstance(v, kind):
+                raise bad(key, want)
+            return v
+
+        archs = of_type("architectures", list, "a list of class names") or []
+        arch = next((ARCHITECTURES[a] for a in archs if isinstance(a, str) and a in ARCHITECTURES), None)
         if arch is None:
             raise TinyloraError(f"{source}: architectures {archs} not supported; tinylora runs "
                                 f"{' and '.join(ARCHITECTURES)}")
         if raw.get("hidden_act", "silu") != "silu":
             raise TinyloraError(f"{source}: hidden_act '{raw['hidden_act']}' not supported (only 'silu')")
-        sliding = [t for t in raw.get("layer_types") or [] if t != "full_attention"]
+        sliding = [t for t in of_type("layer_types", list, "a list") or [] if t != "full_attention"]
         if raw.get("use_sliding_window") or sliding:
             raise TinyloraError(f"{source}: sliding-window attention (use_sliding_window / layer_types) "
                                 "is not supported")
 
         # Rope: transformers 5 writes rope_parameters {rope_type, rope_theta, ...};
         # older files have rope_theta and rope_scaling at the top level.
-        rope = dict(raw.get("rope_parameters") or {})
-        scaling = raw.get("rope_scaling") or {}
+        rope = of_type("rope_parameters", dict, "an object") or {}
+        scaling = of_type("rope_scaling", dict, "an object") or {}
         rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+        theta = positive("rope_theta", rope.get("rope_theta", raw.get("rope_theta")), 10000.0)
         factor = 1.0
         if rope_type == "linear":
-            factor = float(rope.get("factor", scaling.get("factor", 1.0)))
+            factor = positive("factor", rope.get("factor", scaling.get("factor")), 1.0)
         elif rope_type != "default":
-            raise TinyloraError(f"{source}: rope scaling type '{rope_type}' is not implemented "
+            raise TinyloraError(f"{source}: rope scaling type {rope_type!r} is not implemented "
                                 "(supported: default, linear)")
 
         if raw.get("attention_dropout"):
@@ -119,23 +150,32 @@ class ModelConfig:
             warnings.warn(f"{source}: ignoring config keys tinylora does not use: {', '.join(unknown)}",
                           stacklevel=3)
 
-        H = int(need("num_attention_heads"))
-        C = int(need("hidden_size"))
-        K = int(raw.get("num_key_value_heads") or H)
+        H = integer("num_attention_heads")
+        C = integer("hidden_size")
+        K = integer("num_key_value_heads", default=H)
         if H % K:
             raise TinyloraError(f"{source}: num_attention_heads {H} is not a multiple of num_key_value_heads {K}")
+        if raw.get("head_dim") is None and C < H:
+            raise TinyloraError(f"{source}: hidden_size {C} is smaller than num_attention_heads {H}")
         eos = raw.get("eos_token_id")
-        eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
-        llama_bias = bool(raw.get("attention_bias", False))
+        eos_list = [] if eos is None else (eos if isinstance(eos, list) else [eos])
+        if any(isinstance(e, bool) or not isinstance(e, int) for e in eos_list):
+            raise bad("eos_token_id", "a token id or a list of them")
+        bos = raw.get("bos_token_id")
+        if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):
+            raise bad("bos_token_id", "a token id")
+        eos_ids = list(eos_list)
+        llama_bias = flag("attention_bias")
         return cls(
-            architecture=arch, hidden_size=C, num_hidden_layers=int(need("num_hidden_layers")),
-            num_attention_heads=H, num_key_value_heads=K, head_dim=int(raw.get("head_dim") or C // H),
-            intermediate_size=int(need("intermediate_size")), vocab_size=int(need("vocab_size")),
-            rope_theta=float(theta), rope_scaling_factor=factor, rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            architecture=arch, hidden_size=C, num_hidden_layers=integer("num_hidden_layers"),
+            num_attention_heads=H, num_key_value_heads=K, head_dim=integer("head_dim", default=C // H),
+            intermediate_size=integer("intermediate_size"), vocab_size=integer("vocab_size"),
+            rope_theta=theta, rope_scaling_factor=factor,
+            rms_norm_eps=positive("rms_norm_eps", raw.get("rms_norm_eps"), 1e-6),
+            tie_word_embeddings=flag("tie_word_embeddings"),
             qkv_bias=True if arch == "qwen2" else llama_bias,
             o_bias=False if arch == "qwen2" else llama_bias,
-            mlp_bias=False if arch == "qwen2" else bool(raw.get("mlp_bias", False)),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
-            bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids,
+            mlp_bias=False if arch == "qwen2" else flag("mlp_bias"),
+            max_position_embeddings=integer("max_position_embeddings", default=32768),
+            bos_token_id=bos, eos_token_ids=eos_ids,
         )
