@@ -46,6 +46,23 @@ def _one_line_error(capsys, argv, words):
     assert words in err, err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--learning-rate", "0", "--learning-rate must be a number > 0, got 0.0"),
+    ("--learning-rate", "-1e-4", "--learning-rate must be a number > 0, got -0.0001"),
+    ("--rank", "0", "--rank must be a whole number >= 1, got 0"),
+    ("--rank", "-4", "--rank must be a whole number >= 1, got -4"),
+    ("--alpha", "0", "--alpha must be a number > 0, got 0.0"),
+    ("--batch-size", "0", "--batch-size must be a whole number >= 1, got 0"),
+    ("--iters", "-5", "--iters must be a whole number >= 1, got -5"),
+    ("--dropout", "1.5", "LoRA dropout must be in [0, 1), got 1.5"),
+    ("--max-seq-length", "1", "--max-seq-length must be a whole number >= 2, got 1")])
+def test_bad_training_settings_fail_before_anything_is_read_or_written(tmp_path, capsys, flag, value, message):
+    out = tmp_path / "adapter"
+    assert main(["train", "--data", str(tmp_path / "no-data"), "--adapter-path", str(out), f"{flag}={value}"]) == 2
+    assert capsys.readouterr().err.strip() == f"tinylora train: error: {message}"
+    assert not out.exists()
+
+
 def test_internal_errors_exit_1_in_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
     import tinylora.cli as cli
 

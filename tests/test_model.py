@@ -1,6 +1,5 @@
 """The decoder on tiny random checkpoints: config, construction, cache, padding, gradients."""
 
-import json
 import warnings
 
 import numpy as np

@@ -148,9 +148,29 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_checkpoint(tok, data, tmp_
     load_adapter(tiny_model(tok), out / "checkpoint")
 
 
+def test_an_infinite_gradient_stops_training_and_keeps_the_last_checkpoint(tok, data, tmp_path, monkeypatch):
+    """The loss stays finite; an inf appears in one dA during step 5's backward."""
+    from tinylora.ops.lora import LoraLinearFn
+    out = tmp_path / "ad"
+    real_backward, calls = LoraLinearFn.backward, []
+
+    def poisoned(self, dy):
+        grads = real_backward(self, dy)
+        calls.append(1)
+        if len(calls) == 4 * 14 + 1:                             # 2 layers x 7 adapted projections per step
+            grads[2][0, 0] = np.inf
+        return grads
+    monkeypatch.setattr(LoraLinearFn, "backward", poisoned)
+    with pytest.raises(TinyloraError, match=r"step 5: the gradient norm is inf; training stopped"):
+        train(config(data, out, steps_per_eval=100), tiny_model(tok), tok, progress=False, log=lambda *a: None)
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+    load_adapter(tiny_model(tok), out / "checkpoint")           # the last good checkpoint loads
+    load_adapter(tiny_model(tok), out)                          # and so does the top-level adapter
+
+
 @pytest.mark.parametrize("kw, message", [({"batch_size": 7}, "--batch-size 7 is larger than the 6 training"),
                                          ({"learning_rate": 0.0}, "--learning-rate must be a number > 0"),
-                                         ({"rank": 0}, "r must be a positive integer"),
+                                         ({"rank": 0}, "--rank must be a whole number >= 1, got 0"),
                                          ({"iters": 5, "epochs": 1.0}, "not both")])
 def test_bad_settings_are_one_line_errors(tok, data, tmp_path, kw, message):
     with pytest.raises(TinyloraError, match=message):

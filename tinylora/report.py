@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .formats.files import write_text
+from .formats.files import atomic_write, write_text
 
 
 def peak_memory_gb() -> float:
@@ -72,8 +72,7 @@ def plot_loss_curve(log: TrainLog, path: Path) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_write(path) as f:                  # like every file we save
+        fig.savefig(f, format="png")
     plt.close(fig)
-    tmp.replace(path)                              # atomic, like every file we save
     return None

