@@ -63,6 +63,23 @@ def test_bad_training_settings_fail_before_anything_is_read_or_written(tmp_path,
     assert not out.exists()
 
 
+def test_a_failed_run_leaves_earlier_work_byte_for_byte(tmp_path, capsys):
+    """A bad data line or bad settings fail before the earlier adapter in --adapter-path is touched."""
+    out = tmp_path / "adapter"
+    out.mkdir()
+    earlier = {"adapter_config.json": b'{"r": 8}\n', "adapter_model.safetensors": b"earlier bytes",
+               "train_log.jsonl": b'{"step": 1}\n'}
+    for name, content in earlier.items():
+        (out / name).write_bytes(content)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    assert main(["train", "--data", str(data), "--adapter-path", str(out)]) == 2
+    assert "train.jsonl:2: " in capsys.readouterr().err
+    assert main(["train", "--data", str(data), "--adapter-path", str(out), "--rank=0"]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+
+
 def test_internal_errors_exit_1_in_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
     import tinylora.cli as cli
 

@@ -56,7 +56,7 @@ def test_config_file_errors_name_the_file(tmp_path):
     with pytest.raises(TinyloraError, match="no config.json"):
         ModelConfig.from_json(tmp_path / "config.json")
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(TinyloraError, match=r"config.json: not valid JSON"):
+    with pytest.raises(TinyloraError, match=r"config.json: malformed JSON at line 1, column"):
         ModelConfig.from_json(tmp_path / "config.json")
 
 

@@ -16,13 +16,13 @@ reported in one warning, never silently dropped.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import TinyloraError
+from .formats.files import read_json
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 
@@ -72,13 +72,7 @@ class ModelConfig:
         if not path.is_file():
             raise TinyloraError(f"{path}: no config.json; a model folder needs config.json, *.safetensors "
                                 "and tokenizer.json")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TinyloraError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise TinyloraError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":

@@ -37,6 +37,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import TinyloraError
+from .formats.files import read_json
 
 # Tokens that end a chat turn. Generation stops on them as well as on EOS, but only for a model
 # whose chat template writes one and whose vocabulary has it as a special token.
@@ -167,13 +168,6 @@ class StreamDecoder:
 
 # ---- the tokenizer -----------------------------------------------------------------------
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TinyloraError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-
-
 def _token_text(value) -> str | None:
     # tokenizer_config.json writes a special token as "<s>", as null, or as an AddedToken
     # dict {"__type": "AddedToken", "content": "<s>", "lstrip": false, ...}.
@@ -227,7 +221,7 @@ class Tokenizer:
             raise TinyloraError(f"{tokenizer_file}: cannot be read by `tokenizers`: {e}") from None
 
         config_file = folder / "tokenizer_config.json"
-        config = _read_json(config_file) if config_file.is_file() else {}
+        config = read_json(config_file) if config_file.is_file() else {}
         # Every *_token entry is a template variable, as in transformers' special_tokens_map
         # (which also picks up model-specific ones such as `image_token`).
         special_tokens = {key: _token_text(value) for key, value in config.items() if key.endswith("_token")}
@@ -242,7 +236,7 @@ class Tokenizer:
         extra_eos = []
         for name in ("generation_config.json", "config.json"):
             if (folder / name).is_file():
-                extra_eos += _as_id_list(_read_json(folder / name).get("eos_token_id"))
+                extra_eos += _as_id_list(read_json(folder / name).get("eos_token_id"))
         return cls(backend, special_tokens, templates, extra_eos, source=str(folder))
 
     @staticmethod
