@@ -40,12 +40,11 @@ import importlib.util
 import multiprocessing
 import os
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
 
-from .bench_kernels import blas_info
+from .bench_kernels import blas_info, time_call
 from .bench_workers import ALL_SEVEN, LORA_R, QWEN25_05B, Workload, serve
 from .config import ModelConfig
 
@@ -96,14 +95,8 @@ def gemm_gflops(n: int = GEMM_N, calls: int = 3) -> float:
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(calls))
+    best = min(time_call(lambda: a @ b, 1) for _ in range(calls))
     return 2.0 * n ** 3 / best / 1e9
-
-
-def _timed(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 def peer_available() -> str | None:

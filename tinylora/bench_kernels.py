@@ -95,7 +95,7 @@ def _paths(x: np.ndarray, ws: list[np.ndarray], bits: list[np.ndarray]) -> dict[
     }
 
 
-def _time(call: Callable[[], np.ndarray], n: int) -> float:
+def time_call(call: Callable[[], np.ndarray], n: int) -> float:
     """Seconds per call, averaged over n back-to-back calls."""
     start = time.perf_counter()
     for _ in range(n):
@@ -121,7 +121,7 @@ def run_kernel_bench(repeats: int = 5, shapes=SHAPES, tokens=TOKENS, seed: int =
             calls = {}
             for path, (_, call) in paths.items():
                 call()                            # JIT-compile (or load from cache) and warm caches
-                calls[path] = max(1, int(TARGET_SECONDS / max(_time(call, 1), 1e-7)))
+                calls[path] = max(1, int(TARGET_SECONDS / max(time_call(call, 1), 1e-7)))
             cases.append((name, M, n_out, k_in, paths, calls))
 
     times: dict[tuple[int, str], list[float]] = {}
@@ -131,7 +131,7 @@ def run_kernel_bench(repeats: int = 5, shapes=SHAPES, tokens=TOKENS, seed: int =
             # (threads of the previous library still spinning), so no path should
             # always follow the same one.
             for path in rng.permutation(list(paths)):
-                times.setdefault((c, path), []).append(_time(paths[path][1], calls[path]))
+                times.setdefault((c, path), []).append(time_call(paths[path][1], calls[path]))
 
     rows = []
     for c, (name, M, N, K_in, paths, _) in enumerate(cases):

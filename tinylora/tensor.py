@@ -191,9 +191,6 @@ class Tensor:
         if root is None:                         # backward on a trainable leaf itself: dL/dx = dy
             self.grad = dy.copy() if self.grad is None else self.grad + dy
             return
-        if root.freed:
-            raise RuntimeError("backward() through a graph that an earlier backward() already freed; "
-                               "recompute the forward pass")
         pending: dict[int, np.ndarray] = {id(root): dy}
         for node in reversed(_topological_order(root)):
             g = pending.pop(id(node), None)

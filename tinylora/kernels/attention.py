@@ -45,8 +45,8 @@ Like FlashAttention (Dao et al., 2022) the forward keeps only lse per
 tile of p from s and lse. Products run in the input's dtype (float32 BLAS
 accumulates in float32, as PyTorch's does); exp is kernels/exp.py's, in
 the input's precision; the softmax's sum and log are taken in float64, and
-lse is always float64. No fastmath: it would let
-LLVM assume NaN never occurs and turn one into 0.
+lse is always float64. No fastmath: it would let LLVM assume NaN never
+occurs and turn one into 0.
 
 The op and its math are in `tinylora/ops/attention.py`; the vectorised NumPy
 reference these kernels are tested against is in `tests/test_attention.py`.
@@ -148,7 +148,7 @@ def _kv_heads(x, key_mask):
     xt = x.transpose(0, 2, 1, 3)                                       # (B, K, S, D)
     if key_mask.all():
         return xt
-    return np.where(key_mask[:, None, :, None], xt, 0).astype(x.dtype)
+    return np.where(key_mask[:, None, :, None], xt, x.dtype.type(0))
 
 
 def _blocks(T):

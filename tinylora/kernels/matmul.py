@@ -230,7 +230,7 @@ def f32_to_bf16(x):
 # The one kernel here with fast-math flags, and only two of them: "reassoc"
 # lets LLVM split `s += x[k] * row[k]` into vector partial sums, "contract"
 # fuses the multiply and add. Neither assumes finite numbers, so NaN and inf
-# propagate as before (tests/test_kernels.py checks it); only the summation
+# propagate as before (tests/test_matmul.py checks it); only the summation
 # order changes, as it does between BLAS builds. Measured on the decode
 # shapes: 2-2.4x faster than the LANES loop, which made bf16 decoding slower
 # than fp32 BLAS; with it, bf16 halves the bytes and decoding is ~1.3x faster

@@ -35,7 +35,7 @@ CHUNK_ELEMENTS = 16 << 20   # logits per block in LinearCrossEntropy at most: 64
 # (blocks are then evened out: 508 rows of SmolLM2 go as 2 x 254, where BLAS runs
 # ~20 % faster than at 3 x 170 rows, measured)
 # A bf16 W is widened tile by tile once per block (kernels/matmul.py), twice
-# counting dh = dz W; with Qwen's 151936 words a 32 MB block is 55 rows, and
+# counting dh = dz W; with Qwen's 151936 words a 64 MB block is 110 rows, and
 # widening all of W ten times costs more than the products. So bf16 blocks
 # hold at least this many rows: more memory for the block, far fewer widenings.
 BF16_MIN_ROWS = 256
@@ -50,6 +50,14 @@ def _check_labels(labels, N: int, V: int, ignore_index: int) -> np.ndarray:
     if bad.any():
         raise IndexError(f"cross_entropy: label {labels[bad][0]} outside the vocabulary of {V}")
     return labels
+
+
+def _block_rows(n: int, V: int, bf16: bool) -> int:
+    """Rows per block for n counted rows: at most CHUNK_ELEMENTS logits (at least
+    BF16_MIN_ROWS rows for a bf16 W), in blocks of equal size."""
+    cap = max(1, CHUNK_ELEMENTS // V, BF16_MIN_ROWS if bf16 else 1)
+    blocks = max(1, -(-n // cap))
+    return max(1, -(-n // blocks))
 
 
 def _mean(total: float, count: int, dtype) -> np.ndarray:
@@ -94,9 +102,7 @@ class LinearCrossEntropy(Function):
         w_f = w if matmul_kernels.is_bf16(w) else w.astype(h.dtype, copy=False)
         dhc = np.empty_like(hc) if need_dh else None              # (N_c, C)
         dw = np.zeros((V, C), dtype=h.dtype) if need_dw else None
-        rows = chunk_rows or max(1, CHUNK_ELEMENTS // V, BF16_MIN_ROWS if matmul_kernels.is_bf16(w) else 1)
-        blocks = max(1, -(-len(counted) // rows))
-        rows = rows if chunk_rows else max(1, -(-len(counted) // blocks))   # even blocks, at most `rows` each
+        rows = chunk_rows or _block_rows(len(counted), V, matmul_kernels.is_bf16(w))
         total = 0.0
         for r0 in range(0, len(counted), rows):
             part = slice(r0, r0 + rows)
