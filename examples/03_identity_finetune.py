@@ -27,10 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tinylora.demo import DATA, answer, held_out_questions
+from tinylora.cli.demo import DATA, answer, held_out_questions
 from tinylora.formats.smollm2 import download_smollm2
 from tinylora.loading import load
-from tinylora.trainer import TrainConfig, train
+from tinylora.train import TrainConfig, train
 
 NEW_NAME = "小李"
 MIN_ANSWERS_WITH_NAME = 4      # of the 6 held-out questions, in the full run
@@ -58,7 +58,7 @@ for q, a in zip(questions, before):
     print(f"Q: {q}\nA: {a}\n")
 
 # --- 3. Fine-tune ------------------------------------------------------------------------------
-# The demo's settings (tinylora.demo.DEMO_DEFAULTS), spelled out. A learning rate of 5e-4 is
+# The demo's settings (tinylora.cli.demo.DEMO_DEFAULTS), spelled out. A learning rate of 5e-4 is
 # high for a full fine-tune but usual for LoRA: only A and B move, and B starts at zero.
 config = TrainConfig(
     data=str(DATA),                     # train.jsonl (36 conversations) + valid.jsonl (the 6 questions above)

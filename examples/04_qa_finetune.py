@@ -27,10 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tinylora.demo import answer
+from tinylora.cli.demo import answer
 from tinylora.formats.smollm2 import download_smollm2
 from tinylora.loading import load
-from tinylora.trainer import TrainConfig, train
+from tinylora.train import TrainConfig, train
 
 # fact -> (the word an answer must contain, the completion, five training questions, one held-out question)
 FACTS = {

@@ -35,15 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tinylora.demo import DATA, held_out_questions
-from tinylora.formats.export import fuse
-from tinylora.formats.peft import load_adapter
+from tinylora.cli.demo import DATA, held_out_questions
+from tinylora.lora.fused import fuse
+from tinylora.lora.peft import load_adapter
 from tinylora.formats.smollm2 import download_smollm2
 from tinylora.generate import generate
 from tinylora.lora import lora_layers
 from tinylora.loading import load
 from tinylora.tensor import no_grad
-from tinylora.trainer import TrainConfig, train
+from tinylora.train import TrainConfig, train
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--fast", action="store_true", help="4 training steps, 2 questions (what the tests run)")

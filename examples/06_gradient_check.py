@@ -31,8 +31,8 @@ import sys
 import numpy as np
 
 from tinylora.gradcheck import EPS, RTOL, gradcheck
-from tinylora.gradcheck_model import check_lora_model
-from tinylora.ops.rmsnorm import RMSNorm, rms_norm
+from tinylora.gradcheck.model_check import check_lora_model
+from tinylora.ops.rmsnorm import RMSNormFn, rms_norm
 from tinylora.tensor import Function, Tensor
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -95,7 +95,7 @@ class ForgetfulTranspose(Function):
         return dy                                  # should be dy.T
 
 
-class RMSNormConstantRstd(RMSNorm):
+class RMSNormConstantRstd(RMSNormFn):
     """RMSNorm whose backward forgets that rstd = 1/rms(x) depends on x: dx = rstd · dy · w, no correction term."""
 
     def backward(self, dy):

@@ -3,8 +3,8 @@ figures come from the benchmark itself (SPEC §4), these tests check the arithme
 
 import pytest
 
-from tinylora import bench
-from tinylora.bench_workers import ALL_SEVEN, Workload
+from tinylora.bench import side_by_side as bench
+from tinylora.bench.workers import ALL_SEVEN, Workload
 from tinylora.config import ModelConfig
 
 TINY = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,

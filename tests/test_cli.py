@@ -81,7 +81,7 @@ def test_a_failed_run_leaves_earlier_work_byte_for_byte(tmp_path, capsys):
 
 
 def test_internal_errors_exit_1_in_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
-    import tinylora.cli as cli
+    import tinylora.cli.commands as cli
 
     def broken(args):
         raise ZeroDivisionError("division by zero")

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from test_tokenizer import write_model_folder
 
-from tinylora.data import (IGNORE, Split, batches_per_epoch, collate, count_targets, encode_example, encode_split,
+from tinylora.train.data import (IGNORE, Split, batches_per_epoch, collate, count_targets, encode_example, encode_split,
                            iterate_batches, load_dataset, load_jsonl)
 from tinylora.errors import TinyloraError
 from tinylora.tokenizer import Tokenizer

@@ -13,10 +13,10 @@ from helpers import assert_close
 import tinylora as tl
 from tinylora.config import ModelConfig
 from tinylora.errors import TinyloraError
-from tinylora.formats import export
-from tinylora.formats.export import TOKENIZER_FILES, fuse, save_model
+from tinylora.lora import fused as export
+from tinylora.lora.fused import TOKENIZER_FILES, fuse, save_model
 from tinylora.formats.files import write_json
-from tinylora.formats.peft import save_adapter
+from tinylora.lora.peft import save_adapter
 from tinylora.formats.safetensors import read_header, read_safetensors, write_safetensors
 from tinylora.kernels.matmul import bf16_to_f32, f32_to_bf16
 from tinylora.loading import load_model

@@ -16,7 +16,7 @@ import pytest
 from test_tokenizer import write_model_folder
 
 from tinylora.config import ModelConfig
-from tinylora.formats.peft import load_adapter
+from tinylora.lora.peft import load_adapter
 from tinylora.formats.safetensors import write_safetensors
 from tinylora.model import CausalLM, random_state_dict
 from tinylora.tokenizer import Tokenizer

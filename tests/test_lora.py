@@ -9,7 +9,7 @@ from helpers import assert_close, assert_gradcheck
 import tinylora as tl
 from tinylora.config import ModelConfig
 from tinylora.errors import TinyloraError
-from tinylora.gradcheck_model import TINY_QWEN2, check_lora_model, tiny_batch, tiny_lora_model
+from tinylora.gradcheck.model_check import TINY_QWEN2, check_lora_model, tiny_batch, tiny_lora_model
 from tinylora.lora import LoraConfig, LoraLinear, apply_lora, lora_layers, lora_parameters, merge, parameter_report
 from tinylora.model import CausalLM, random_state_dict
 from tinylora.nn import Linear

@@ -12,7 +12,7 @@ import pytest
 
 from tinylora import Tensor, gradcheck, no_grad
 from tinylora.kernels import matmul as K
-from tinylora.ops.linear import Linear, MatMul, linear
+from tinylora.ops.linear import LinearFn, MatMulFn, linear
 
 from helpers import assert_close, assert_gradcheck, tol_for
 
@@ -203,7 +203,7 @@ def _leaf(rng, *shape, requires_grad=True):
 def test_matmul_gradcheck(a_shape, b_shape):
     rng = np.random.default_rng(5)
     a, b = _leaf(rng, *a_shape), _leaf(rng, *b_shape)
-    assert_gradcheck(gradcheck(lambda a, b: MatMul.apply(a, b), [a, b], names=["a", "b"]), "MatMul")
+    assert_gradcheck(gradcheck(lambda a, b: MatMulFn.apply(a, b), [a, b], names=["a", "b"]), "MatMul")
 
 
 @pytest.mark.parametrize("x_shape", [(2, 3, 5), (1, 1, 5)])
@@ -214,7 +214,7 @@ def test_linear_gradcheck(x_shape, bias):
     if bias:
         result = gradcheck(lambda x, w, b: linear(x, w, b), [x, w, b], names=["x", "w", "b"])
     else:
-        result = gradcheck(lambda x, w: Linear.apply(x, w), [x, w], names=["x", "w"])
+        result = gradcheck(lambda x, w: LinearFn.apply(x, w), [x, w], names=["x", "w"])
     assert_gradcheck(result, "Linear")
 
 

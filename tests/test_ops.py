@@ -8,12 +8,12 @@ import pytest
 from helpers import GRAD_RTOL, assert_close, assert_gradcheck, tol_for
 
 import tinylora.ops
-from tinylora.gradcheck_ops import CASES, check_case
+from tinylora.gradcheck.op_catalogue import CASES, check_case
 from tinylora.kernels.matmul import bf16_to_f32, f32_to_bf16
 from tinylora.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from tinylora.ops.dropout import dropout
 from tinylora.ops.embedding import embedding
-from tinylora.ops.reduce import Softmax
+from tinylora.ops.reduce import SoftmaxFn
 from tinylora.ops.rmsnorm import rms_norm
 from tinylora.ops.rope import rope, rope_inv_freq, rope_tables
 from tinylora.ops.shape import concat
@@ -44,7 +44,14 @@ def _all_functions():
 def test_every_function_has_a_gradcheck_case():
     covered = {f for case in CASES for f in case.functions}
     missing = sorted(f.__name__ for f in _all_functions() - covered)
-    assert not missing, f"ops without a gradient check in tinylora/gradcheck_ops.py: {missing}"
+    assert not missing, f"ops without a gradient check in tinylora/gradcheck/op_catalogue.py: {missing}"
+
+
+def test_every_function_is_named_with_fn():
+    # One naming rule, so a Function never shares a name with the Module that uses it
+    # (nn.Linear calls ops.linear.LinearFn).
+    badly_named = sorted(f.__name__ for f in _all_functions() if not f.__name__.endswith("Fn"))
+    assert not badly_named, f"Function subclasses must be named ...Fn: {badly_named}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -209,7 +216,7 @@ def test_rmsnorm_op_matches_formula_on_3d_input():
 
 
 def test_softmax_rows_sum_to_one_even_for_large_inputs():
-    y = Softmax.apply(Tensor(np.array([[1000.0, 1000.0], [0.0, -1000.0]]))).data
+    y = SoftmaxFn.apply(Tensor(np.array([[1000.0, 1000.0], [0.0, -1000.0]]))).data
     assert_close(y, [[0.5, 0.5], [1.0, 0.0]], 1e-12, "softmax")
 
 

@@ -15,9 +15,9 @@ import pytest
 import tinylora as tl
 from tinylora.config import ModelConfig
 from tinylora.errors import TinyloraError
-from tinylora.formats import peft
+from tinylora.lora import peft
 from tinylora.formats.files import write_json
-from tinylora.formats.peft import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
+from tinylora.lora.peft import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from tinylora.formats.safetensors import read_metadata, read_safetensors, write_safetensors
 from tinylora.loading import load_model
 from tinylora.lora import LoraConfig, apply_lora, lora_layers, lora_parameters

@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers", reason="reference extra not i
 hf_peft = pytest.importorskip("peft", reason="reference extra not installed (pip install peft)")
 
 import tinylora as tl  # noqa: E402
-from tinylora.formats.peft import load_adapter, save_adapter  # noqa: E402
+from tinylora.lora.peft import load_adapter, save_adapter  # noqa: E402
 from tinylora.loading import load_model  # noqa: E402
 from tinylora.lora import LoraConfig, apply_lora, lora_layers, lora_parameters, parameter_report  # noqa: E402
 from tinylora.tokenizer import Tokenizer  # noqa: E402

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import tinylora as tl
-from tinylora.ops.elementwise import Add, Mul
-from tinylora.ops.linear import Linear
+from tinylora.ops.elementwise import AddFn, MulFn
+from tinylora.ops.linear import LinearFn
 from tinylora.tensor import Function, Tensor
 
 
@@ -67,7 +67,7 @@ def test_frozen_linear_weight_has_no_grad():
     rng = np.random.default_rng(1)
     x = Tensor(rng.standard_normal((2, 4)), requires_grad=True)
     w = Tensor(rng.standard_normal((3, 4)))          # frozen
-    Linear.apply(x, w).backward(np.ones((2, 3)))
+    LinearFn.apply(x, w).backward(np.ones((2, 3)))
     assert w.grad is None
     np.testing.assert_allclose(x.grad, np.ones((2, 3)) @ w.data)
 
@@ -161,7 +161,7 @@ def test_function_returning_wrong_gradient_shape_is_caught():
 
 def test_apply_rejects_non_tensor_positional_inputs():
     with pytest.raises(TypeError, match="expected Tensor"):
-        Add.apply(Tensor(np.ones(2)), np.ones(2))
+        AddFn.apply(Tensor(np.ones(2)), np.ones(2))
 
 
 def test_operators_and_python_scalars():
@@ -176,6 +176,6 @@ def test_deep_graph_does_not_hit_recursion_limit():
     x = Tensor(np.ones(1), requires_grad=True)
     h = x
     for _ in range(5000):
-        h = Mul.apply(h, Tensor(np.ones(1)))
+        h = MulFn.apply(h, Tensor(np.ones(1)))
     h.backward(np.ones(1))
     assert x.grad[0] == 1.0

@@ -8,14 +8,14 @@ import pytest
 from test_tokenizer import write_model_folder
 
 from tinylora import is_grad_enabled
-from tinylora import trainer as trainer_module
+from tinylora.train import trainer as trainer_module
 from tinylora.config import ModelConfig
 from tinylora.errors import TinyloraError
-from tinylora.formats.peft import load_adapter
+from tinylora.lora.peft import load_adapter
 from tinylora.model import CausalLM, random_state_dict
 from tinylora.tokenizer import Tokenizer
-from tinylora.data import encode_split, load_dataset
-from tinylora.trainer import TrainConfig, evaluate, train
+from tinylora.train.data import encode_split, load_dataset
+from tinylora.train import TrainConfig, evaluate, train
 
 QUESTIONS = ["Who are you?", "What is your name?", "Introduce yourself.", "Who made you?", "你是谁？",
              "Tell me about you.", "What should I call you?", "Who built you?"]

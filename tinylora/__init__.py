@@ -12,14 +12,14 @@ The public surface (SPEC §3.10); everything else is free to change:
     tinylora.save_adapter(model, "adapters/")                      # PEFT format
 """
 
+# The engine first: tensor.py closes the one import cycle (Tensor <-> ops) itself.
+from .tensor import Function, Tensor, is_grad_enabled, no_grad  # isort: skip
 from .errors import TinyloraError
-from .formats.export import fuse, save_model
-from .formats.peft import load_adapter, save_adapter
 from .generate import generate, stream_generate
-from .gradcheck import gradcheck
+from .gradcheck import gradcheck        # the function; the package tinylora.gradcheck holds the checker
 from .loading import load, load_model
-from .lora import LoraConfig, apply_lora, lora_parameters, merge, parameter_report
-from .tensor import Function, Tensor, is_grad_enabled, no_grad
+from .lora import (LoraConfig, apply_lora, fuse, load_adapter, lora_parameters, merge, parameter_report,
+                   save_adapter, save_model)
 
 __version__ = "0.1.0"
 

@@ -117,7 +117,7 @@ class ModelConfig:
             raise TinyloraError(f"{source}: architectures {archs} not supported; tinylora runs "
                                 f"{' and '.join(ARCHITECTURES)}")
         if raw.get("hidden_act", "silu") != "silu":
-            raise TinyloraError(f"{source}: hidden_act '{raw['hidden_act']}' not supported (only 'silu')")
+            raise TinyloraError(f"{source}: hidden_act {raw['hidden_act']!r} not supported (only 'silu')")
         sliding = [t for t in of_type("layer_types", list, "a list") or [] if t != "full_attention"]
         if raw.get("use_sliding_window") or sliding:
             raise TinyloraError(f"{source}: sliding-window attention (use_sliding_window / layer_types) "

@@ -16,6 +16,7 @@ Everything runs under `no_grad`: nothing is kept for a backward pass.
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -24,8 +25,12 @@ import numpy as np
 
 from .cache import KVCache
 from .errors import TinyloraError
-from .report import peak_memory_gb
 from .tensor import no_grad
+
+
+def peak_memory_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
 @dataclass

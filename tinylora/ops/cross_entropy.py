@@ -64,7 +64,7 @@ def _mean(total: float, count: int, dtype) -> np.ndarray:
     return np.asarray(total / count if count else np.nan, dtype=dtype)
 
 
-class CrossEntropy(Function):
+class CrossEntropyFn(Function):
     """logits (N, V), labels (N,) ints -> mean loss ()"""
 
     def forward(self, logits, *, labels, ignore_index: int = IGNORE_INDEX):
@@ -85,7 +85,7 @@ class CrossEntropy(Function):
         return dz
 
 
-class LinearCrossEntropy(Function):
+class LinearCrossEntropyFn(Function):
     """h (N, C), w (V, C) float or bf16 bits, labels (N,) ints -> mean loss of
     cross_entropy(h wᵀ, labels) (), without forming the (N, V) logits in full"""
 
@@ -132,12 +132,12 @@ class LinearCrossEntropy(Function):
 
 def cross_entropy(logits: Tensor, labels: np.ndarray, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """logits (..., V), labels (...) ints -> mean loss over labels != ignore_index ()"""
-    return CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), labels=np.asarray(labels).reshape(-1),
+    return CrossEntropyFn.apply(logits.reshape(-1, logits.shape[-1]), labels=np.asarray(labels).reshape(-1),
                               ignore_index=ignore_index)
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, labels: np.ndarray, ignore_index: int = IGNORE_INDEX,
                          chunk_rows: int | None = None) -> Tensor:
     """h (..., C), weight (V, C), labels (...) ints -> mean loss of cross_entropy(h weightᵀ, labels) ()"""
-    return LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, labels=np.asarray(labels).reshape(-1),
+    return LinearCrossEntropyFn.apply(h.reshape(-1, h.shape[-1]), weight, labels=np.asarray(labels).reshape(-1),
                                     ignore_index=ignore_index, chunk_rows=chunk_rows)

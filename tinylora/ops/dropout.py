@@ -6,7 +6,9 @@
 Scaling the kept values by 1/(1 - p) during training keeps E[y] = x, so nothing
 changes at inference, where dropout is the identity. The mask comes from the
 `np.random.Generator` passed in, never from global state, so a run (and a
-resumed run) is reproducible. LoRA applies it to the bypass input only.
+resumed run) is reproducible. `dropout_mask` is the one place a mask is drawn:
+the `DropoutFn` op below and LoRA's bypass (lora/inject.py, which hands the mask
+to the fused ops/lora.py) both use it.
 """
 
 import numpy as np
@@ -14,14 +16,19 @@ import numpy as np
 from ..tensor import Function, Tensor
 
 
-class Dropout(Function):
+def dropout_mask(shape: tuple[int, ...], p: float, rng: np.random.Generator, dtype) -> np.ndarray:
+    """-> keep / (1 - p) of `shape`: each entry 0 with probability p, else 1 / (1 - p), in `dtype`"""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    dtype = np.dtype(dtype)
+    return (rng.random(shape) >= p).astype(dtype) / dtype.type(1.0 - p)
+
+
+class DropoutFn(Function):
     """x (...) -> x with each element zeroed with probability p, the rest scaled by 1/(1-p)"""
 
     def forward(self, x, *, p: float, rng: np.random.Generator):
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        scale = np.asarray(1.0 / (1.0 - p), dtype=x.dtype)
-        mask = (rng.random(x.shape) >= p).astype(x.dtype) * scale   # keep / (1 - p)
+        mask = dropout_mask(x.shape, p, rng, x.dtype)               # keep / (1 - p)
         self.save_for_backward(mask)
         return x * mask
 
@@ -36,4 +43,4 @@ def dropout(x: Tensor, p: float, rng: np.random.Generator | None, training: bool
         return x
     if rng is None:
         raise ValueError("dropout with p > 0 needs an np.random.Generator")
-    return Dropout.apply(x, p=p, rng=rng)
+    return DropoutFn.apply(x, p=p, rng=rng)

@@ -27,7 +27,7 @@ def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return grad.reshape(shape)
 
 
-class Add(Function):
+class AddFn(Function):
     """a (broadcastable), b (broadcastable) -> a + b"""
 
     def forward(self, a, b):
@@ -41,7 +41,7 @@ class Add(Function):
         return da, db
 
 
-class Mul(Function):
+class MulFn(Function):
     """a (broadcastable), b (broadcastable) -> a * b"""
 
     def forward(self, a, b):
@@ -55,7 +55,7 @@ class Mul(Function):
         return da, db
 
 
-class SiLU(Function):
+class SiLUFn(Function):
     """x (...) -> x * sigmoid(x) (...)"""
 
     def forward(self, x):

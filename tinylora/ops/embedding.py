@@ -18,7 +18,7 @@ from ..kernels.matmul import bf16_to_f32, is_bf16
 from ..tensor import Function, Tensor
 
 
-class Embedding(Function):
+class EmbeddingFn(Function):
     """ids (B, T) int, W (V, C) -> (B, T, C)"""
 
     def forward(self, w, *, ids):
@@ -44,4 +44,4 @@ class Embedding(Function):
 
 def embedding(ids: np.ndarray, w: Tensor) -> Tensor:
     """ids (B, T) int, W (V, C) -> (B, T, C)"""
-    return Embedding.apply(w, ids=ids)
+    return EmbeddingFn.apply(w, ids=ids)

@@ -31,7 +31,7 @@ from ..tensor import Function
 from .elementwise import unbroadcast
 
 
-class MatMul(Function):
+class MatMulFn(Function):
     """a (..., M, K), b (..., K, N) -> a @ b (..., M, N), batch axes broadcast"""
 
     def forward(self, a, b):
@@ -55,7 +55,7 @@ class MatMul(Function):
         return da, db
 
 
-class Linear(Function):
+class LinearFn(Function):
     """x (..., C_in), w (C_out, C_in) float or bf16 bits, [b (C_out,)] -> (..., C_out)"""
 
     def forward(self, x, w, b=None):
@@ -94,7 +94,7 @@ class Linear(Function):
 
 def linear(x, w, b=None):
     """x (..., C_in), w (C_out, C_in), b (C_out,) or None -> (..., C_out)"""
-    return Linear.apply(x, w) if b is None else Linear.apply(x, w, b)
+    return LinearFn.apply(x, w) if b is None else LinearFn.apply(x, w, b)
 
 
 def widen_bf16(a: np.ndarray) -> np.ndarray:

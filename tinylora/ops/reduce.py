@@ -26,7 +26,7 @@ def _expand(dy: np.ndarray, x_shape: tuple[int, ...], axis, keepdims: bool) -> n
     return np.broadcast_to(dy, x_shape)
 
 
-class Sum(Function):
+class SumFn(Function):
     """x (...) -> x summed over `axis` (all axes when None)"""
 
     def forward(self, x, *, axis=None, keepdims=False):
@@ -38,7 +38,7 @@ class Sum(Function):
         return np.ascontiguousarray(_expand(dy, x_shape, axis, keepdims))
 
 
-class Mean(Function):
+class MeanFn(Function):
     """x (...) -> mean of x over `axis` (all axes when None)"""
 
     def forward(self, x, *, axis=None, keepdims=False):
@@ -51,7 +51,7 @@ class Mean(Function):
         return np.ascontiguousarray(_expand(dy, x_shape, axis, keepdims)) / n
 
 
-class Softmax(Function):
+class SoftmaxFn(Function):
     """x (..., N) -> softmax over the last axis (..., N)"""
 
     def forward(self, x):

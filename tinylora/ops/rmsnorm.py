@@ -16,7 +16,7 @@ from ..kernels.rmsnorm import rmsnorm_backward, rmsnorm_backward_weight, rmsnorm
 from ..tensor import Function
 
 
-class RMSNorm(Function):
+class RMSNormFn(Function):
     """x (..., C), w (C,) -> y (..., C)"""
 
     def forward(self, x, w, *, eps: float):
@@ -39,4 +39,4 @@ class RMSNorm(Function):
 
 def rms_norm(x, w, eps: float = 1e-6):
     """x (..., C), w (C,) -> (..., C)"""
-    return RMSNorm.apply(x, w, eps=eps)
+    return RMSNormFn.apply(x, w, eps=eps)

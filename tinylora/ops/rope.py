@@ -42,7 +42,7 @@ def rope_tables(positions: np.ndarray, inv_freq: np.ndarray, dtype=np.float32) -
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 
-class RoPE(Function):
+class RoPEFn(Function):
     """x (B, T, H, D), cos/sin (B or 1, T, D/2) -> x rotated (B, T, H, D)"""
 
     def forward(self, x, *, cos, sin):
@@ -61,4 +61,4 @@ def rope(x: Tensor, cos: np.ndarray, sin: np.ndarray) -> Tensor:
     """x (B, T, H, D) -> (B, T, H, D)"""
     if x.shape[-1] % 2:
         raise ValueError(f"RoPE needs an even head dimension, got {x.shape[-1]}")
-    return RoPE.apply(x, cos=cos, sin=sin)
+    return RoPEFn.apply(x, cos=cos, sin=sin)

@@ -14,7 +14,7 @@ import numpy as np
 from ..tensor import Function, Tensor
 
 
-class Reshape(Function):
+class ReshapeFn(Function):
     """x (...) -> x with shape `shape` (same number of values)"""
 
     def forward(self, x, *, shape):
@@ -26,7 +26,7 @@ class Reshape(Function):
         return dy.reshape(x_shape)
 
 
-class Transpose(Function):
+class TransposeFn(Function):
     """x (...) -> x with axes permuted by `axes` (None reverses them, like ndarray.T)"""
 
     def forward(self, x, *, axes=None):
@@ -39,7 +39,7 @@ class Transpose(Function):
         return dy.transpose(np.argsort(axes))
 
 
-class Slice(Function):
+class SliceFn(Function):
     """x (...) -> x[index] for basic indexing (ints, slices, Ellipsis, None).
 
     Advanced (array) indexing is refused: with repeated indices its backward
@@ -61,7 +61,7 @@ class Slice(Function):
         return dx
 
 
-class Concat(Function):
+class ConcatFn(Function):
     """x_0 (..., n_0, ...), …, x_k (..., n_k, ...) -> (..., n_0 + … + n_k, ...) along `axis`"""
 
     def forward(self, *xs, axis: int):
@@ -77,4 +77,4 @@ class Concat(Function):
 
 def concat(tensors: list[Tensor], axis: int = -1) -> Tensor:
     """Join tensors along an existing axis."""
-    return Concat.apply(*tensors, axis=axis)
+    return ConcatFn.apply(*tensors, axis=axis)

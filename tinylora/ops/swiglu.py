@@ -15,7 +15,7 @@ from ..kernels.swiglu import swiglu_backward, swiglu_forward
 from ..tensor import Function, Tensor
 
 
-class SwiGLU(Function):
+class SwiGLUFn(Function):
     """g (..., F), u (..., F) -> silu(g) * u (..., F)"""
 
     def forward(self, g, u):
@@ -36,4 +36,4 @@ class SwiGLU(Function):
 
 def swiglu(g: Tensor, u: Tensor) -> Tensor:
     """g (..., F), u (..., F) -> (..., F)"""
-    return SwiGLU.apply(g, u)
+    return SwiGLUFn.apply(g, u)

@@ -18,20 +18,20 @@ from typing import Callable
 
 import numpy as np
 
-from .gradcheck import RTOL, GradcheckResult, gradcheck
-from .ops.attention import CausalAttention, attention
-from .ops.cross_entropy import CrossEntropy, LinearCrossEntropy, cross_entropy, linear_cross_entropy
-from .ops.dropout import Dropout, dropout
-from .ops.elementwise import Add, Mul, SiLU
-from .ops.embedding import Embedding, embedding
-from .ops.linear import Linear, MatMul, linear
-from .ops.lora import LoraLinearFn
-from .ops.reduce import Mean, Softmax, Sum
-from .ops.rmsnorm import RMSNorm, rms_norm
-from .ops.rope import RoPE, rope, rope_inv_freq, rope_tables
-from .ops.shape import Concat, Reshape, Slice, Transpose, concat
-from .ops.swiglu import SwiGLU, swiglu
-from .tensor import Tensor
+from ..ops.attention import CausalAttentionFn, attention
+from ..ops.cross_entropy import CrossEntropyFn, LinearCrossEntropyFn, cross_entropy, linear_cross_entropy
+from ..ops.dropout import DropoutFn, dropout
+from ..ops.elementwise import AddFn, MulFn, SiLUFn
+from ..ops.embedding import EmbeddingFn, embedding
+from ..ops.linear import LinearFn, MatMulFn, linear
+from ..ops.lora import LoraLinearFn
+from ..ops.reduce import MeanFn, SoftmaxFn, SumFn
+from ..ops.rmsnorm import RMSNormFn, rms_norm
+from ..ops.rope import RoPEFn, rope, rope_inv_freq, rope_tables
+from ..ops.shape import ConcatFn, ReshapeFn, SliceFn, TransposeFn, concat
+from ..ops.swiglu import SwiGLUFn, swiglu
+from ..tensor import Tensor
+from .checker import RTOL, GradcheckResult, gradcheck
 
 
 @dataclass
@@ -92,30 +92,30 @@ def _embedding_case(rng):
 
 
 CASES: list[OpCase] = [
-    OpCase("add (broadcast)", (Add,), lambda r: (lambda a, b: a + b, [_t(r, 2, 3, 4), _t(r, 4)], ["a", "b"])),
-    OpCase("mul (broadcast)", (Mul,), lambda r: (lambda a, b: a * b, [_t(r, 2, 1, 4), _t(r, 3, 1)], ["a", "b"])),
-    OpCase("silu", (SiLU,), lambda r: (lambda x: SiLU.apply(x), [_t(r, 3, 5)], ["x"])),
-    OpCase("matmul (batched)", (MatMul,), lambda r: (lambda a, b: a @ b, [_t(r, 2, 3, 5), _t(r, 5, 4)], ["a", "b"])),
-    OpCase("linear + bias", (Linear,),
+    OpCase("add (broadcast)", (AddFn,), lambda r: (lambda a, b: a + b, [_t(r, 2, 3, 4), _t(r, 4)], ["a", "b"])),
+    OpCase("mul (broadcast)", (MulFn,), lambda r: (lambda a, b: a * b, [_t(r, 2, 1, 4), _t(r, 3, 1)], ["a", "b"])),
+    OpCase("silu", (SiLUFn,), lambda r: (lambda x: SiLUFn.apply(x), [_t(r, 3, 5)], ["x"])),
+    OpCase("matmul (batched)", (MatMulFn,), lambda r: (lambda a, b: a @ b, [_t(r, 2, 3, 5), _t(r, 5, 4)], ["a", "b"])),
+    OpCase("linear + bias", (LinearFn,),
            lambda r: (lambda x, w, b: linear(x, w, b), [_t(r, 2, 3, 5), _t(r, 4, 5), _t(r, 4)], ["x", "W", "b"])),
     OpCase("lora linear (dropout)", (LoraLinearFn,), _lora_case),
-    OpCase("reshape", (Reshape,), lambda r: (lambda x: x.reshape(6, 4), [_t(r, 2, 3, 4)], ["x"])),
-    OpCase("transpose", (Transpose,), lambda r: (lambda x: x.transpose(1, 2, 0), [_t(r, 2, 3, 4)], ["x"])),
-    OpCase("slice", (Slice,), lambda r: (lambda x: x[:, 1:, ::2], [_t(r, 2, 3, 5)], ["x"])),
-    OpCase("concat", (Concat,), lambda r: (lambda a, b: concat([a, b], axis=1), [_t(r, 2, 1, 3), _t(r, 2, 4, 3)],
+    OpCase("reshape", (ReshapeFn,), lambda r: (lambda x: x.reshape(6, 4), [_t(r, 2, 3, 4)], ["x"])),
+    OpCase("transpose", (TransposeFn,), lambda r: (lambda x: x.transpose(1, 2, 0), [_t(r, 2, 3, 4)], ["x"])),
+    OpCase("slice", (SliceFn,), lambda r: (lambda x: x[:, 1:, ::2], [_t(r, 2, 3, 5)], ["x"])),
+    OpCase("concat", (ConcatFn,), lambda r: (lambda a, b: concat([a, b], axis=1), [_t(r, 2, 1, 3), _t(r, 2, 4, 3)],
                                            ["a", "b"])),
-    OpCase("sum (axis 1)", (Sum,), lambda r: (lambda x: x.sum(axis=1), [_t(r, 2, 3, 4)], ["x"])),
-    OpCase("mean (keepdims)", (Mean,), lambda r: (lambda x: x.mean(axis=-1, keepdims=True), [_t(r, 3, 5)], ["x"])),
-    OpCase("softmax", (Softmax,), lambda r: (lambda x: Softmax.apply(x), [_t(r, 3, 7)], ["x"])),
-    OpCase("embedding", (Embedding,), _embedding_case),
-    OpCase("rmsnorm", (RMSNorm,), lambda r: (lambda x, w: rms_norm(x, w, 1e-6), [_t(r, 2, 3, 5), _t(r, 5)],
+    OpCase("sum (axis 1)", (SumFn,), lambda r: (lambda x: x.sum(axis=1), [_t(r, 2, 3, 4)], ["x"])),
+    OpCase("mean (keepdims)", (MeanFn,), lambda r: (lambda x: x.mean(axis=-1, keepdims=True), [_t(r, 3, 5)], ["x"])),
+    OpCase("softmax", (SoftmaxFn,), lambda r: (lambda x: SoftmaxFn.apply(x), [_t(r, 3, 7)], ["x"])),
+    OpCase("embedding", (EmbeddingFn,), _embedding_case),
+    OpCase("rmsnorm", (RMSNormFn,), lambda r: (lambda x, w: rms_norm(x, w, 1e-6), [_t(r, 2, 3, 5), _t(r, 5)],
                                              ["x", "w"])),
-    OpCase("rope (offset 4)", (RoPE,), _rope_case),
-    OpCase("swiglu", (SwiGLU,), lambda r: (lambda g, u: swiglu(g, u), [_t(r, 2, 3, 5), _t(r, 2, 3, 5)], ["g", "u"])),
-    OpCase("attention (GQA, pad, cache)", (CausalAttention,), _attention_case),
-    OpCase("cross-entropy (-100)", (CrossEntropy,), _cross_entropy_case),
-    OpCase("lm_head + cross-entropy", (LinearCrossEntropy,), _linear_cross_entropy_case),
-    OpCase("dropout (p=0.3)", (Dropout,), _dropout_case),
+    OpCase("rope (offset 4)", (RoPEFn,), _rope_case),
+    OpCase("swiglu", (SwiGLUFn,), lambda r: (lambda g, u: swiglu(g, u), [_t(r, 2, 3, 5), _t(r, 2, 3, 5)], ["g", "u"])),
+    OpCase("attention (GQA, pad, cache)", (CausalAttentionFn,), _attention_case),
+    OpCase("cross-entropy (-100)", (CrossEntropyFn,), _cross_entropy_case),
+    OpCase("lm_head + cross-entropy", (LinearCrossEntropyFn,), _linear_cross_entropy_case),
+    OpCase("dropout (p=0.3)", (DropoutFn,), _dropout_case),
 ]
 
 

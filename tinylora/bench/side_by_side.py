@@ -15,7 +15,7 @@ float32 throughout, its fastest on these CPUs (no bf16 matrix units).
 How it measures, and why:
 * These machines' speed swings by up to 2x from minute to minute, so the two
   libraries are never timed minutes apart. Each workload starts one process
-  per library (bench_workers.serve), both warm up, and then repetitions
+  per library (workers.serve), both warm up, and then repetitions
   alternate, tinylora-peer, peer-tinylora, ...; each figure is the median
   of its repetitions and the ratio is the ratio of those medians.
 * A fresh process per library and workload, so its peak resident memory
@@ -28,10 +28,10 @@ How it measures, and why:
   and input-gradient products of every frozen linear layer and lm_head
   (no weight gradients: they are frozen), the LoRA products, and causal
   attention.
-* The BLAS NumPy uses is reported via threadpoolctl (bench_kernels.blas_info).
+* The BLAS NumPy uses is reported via threadpoolctl (kernels.blas_info).
   The OPENBLAS_* variables of the environment are reported, never changed.
 
-`tinylora bench kernels` (bench_kernels.py) times the matmul paths alone.
+`tinylora bench kernels` (bench/kernels.py) times the matmul paths alone.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_kernels import blas_info, time_call
-from .bench_workers import ALL_SEVEN, LORA_R, QWEN25_05B, Workload, serve
-from .config import ModelConfig
+from ..config import ModelConfig
+from .kernels import blas_info, time_call
+from .workers import ALL_SEVEN, LORA_R, QWEN25_05B, Workload, serve
 
 SEQ_LENGTHS = (128, 512, 1024, 2048)
 TARGETS = {"train": 1.2, "decode": 2.0}       # tokens/s ratio vs the peer at least

@@ -36,8 +36,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from .errors import TinyloraError
-from .tokenizer import Tokenizer
+from ..errors import TinyloraError
+from ..tokenizer import Tokenizer
 
 IGNORE = -100                  # the label cross-entropy skips (PyTorch's ignore_index)
 SPLITS = ("train", "valid", "test")

@@ -10,17 +10,12 @@ and writes the log only.
 from __future__ import annotations
 
 import json
-import resource
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .formats.files import atomic_write, write_text
-
-
-def peak_memory_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+from ..formats.files import atomic_write, write_text
+from ..generate import peak_memory_gb
 
 
 def progress_bar(total: int, initial: int, enabled: bool = True) -> tqdm:

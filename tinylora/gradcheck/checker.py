@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .tensor import Tensor, no_grad
+from ..tensor import Tensor, no_grad
 
 EPS = 1e-6     # finite-difference step, float64 (see the module docstring)
 RTOL = 1e-6    # the acceptance bound of SPEC §3.2: relative error <= 1e-6

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import CausalLM
+from ..model import CausalLM
 
 
 def _group(name: str) -> str:

@@ -1,7 +1,7 @@
 """The two sides of `tinylora bench`: one workload, one library, in a fresh process.
 
 `serve(side, workload, conn)` is the target of a spawned process (see
-bench.py). It builds the model and its LoRA adapters for one workload, runs
+side_by_side.py). It builds the model and its LoRA adapters for one workload, runs
 it once as a warm-up (JIT compilation, caches, allocator), says "ready",
 and then runs one repetition each time the parent asks, replying with the
 seconds it took and the tokens it processed. At the end it reports the
@@ -81,12 +81,12 @@ def _batch(workload: Workload, vocab: int) -> np.ndarray:
 
 # -- tinylora ------------------------------------------------------------------------------------
 def _tinylora_runner(workload: Workload, model_dir: str | None):
-    from .config import ModelConfig
-    from .generate import stream_generate
-    from .lora import LoraConfig, apply_lora, lora_parameters
-    from .loading import load_model
-    from .model import CausalLM, random_state_dict
-    from .optim import AdamW
+    from ..config import ModelConfig
+    from ..generate import stream_generate
+    from ..lora import LoraConfig, apply_lora, lora_parameters
+    from ..loading import load_model
+    from ..model import CausalLM, random_state_dict
+    from ..optim import AdamW
 
     _check(workload)
     if workload.model == "smollm2":
@@ -157,9 +157,8 @@ def _peft_runner(workload: Workload, model_dir: str | None):
 
 def library_versions(side: str) -> str:
     if side == "tinylora":
-        import numba
-        from . import __version__
-        return f"tinylora {__version__}, numpy {np.__version__}, numba {numba.__version__}"
+        from importlib.metadata import version
+        return f"tinylora {version('tinylora')}, numpy {np.__version__}, numba {version('numba')}"
     import peft
     import torch
     import transformers
@@ -169,7 +168,7 @@ def library_versions(side: str) -> str:
 
 def serve(side: str, workload: Workload, model_dir: str | None, conn) -> None:
     """Spawned-process entry point: build, warm up, then time repetitions on request (see the module docstring)."""
-    from .report import peak_memory_gb
+    from ..generate import peak_memory_gb
     try:
         run = (_tinylora_runner if side == "tinylora" else _peft_runner)(workload, model_dir)
         run()                                                     # warm-up

@@ -20,8 +20,8 @@ with one line naming the field. Then every tensor the config implies must be
 in the file with its exact shape, and nothing else may be; only then is LoRA
 injected and A and B copied in. A failed load leaves the model as it was.
 
-What is not here: the LoRA layer and its math (lora.py, ops/lora.py), merging
-(lora.py), the fused full-model export (export.py), adapters on the hub (pass
+What is not here: the LoRA layer and its math (lora/inject.py, ops/lora.py), merging
+(lora/inject.py), the fused full-model export (lora/fused.py), adapters on the hub (pass
 a local folder), pickled `adapter_model.bin` files (never unpickled).
 """
 
@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TinyloraError
-from ..lora import PEFT_PREFIX, TARGETS, LoraConfig, apply_lora, lora_layers, lora_parameters
-from .files import atomic_write, read_json
-from .safetensors import read_safetensors, write_safetensors
+from ..formats.files import atomic_write, read_json
+from ..formats.safetensors import read_safetensors, write_safetensors
+from .config import PEFT_PREFIX, TARGETS, LoraConfig
+from .inject import apply_lora, lora_layers, lora_parameters
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -13,7 +13,7 @@ A model that still has LoRA layers is refused: fold them in first with
 holding NaN or inf (as PEFT's `safe_merge` refuses one), and an `out` that is
 the source folder itself.
 
-What is not here: the merge (lora.py), sharded output (one file; the models
+What is not here: the merge (inject.py), sharded output (one file; the models
 tinylora trains fit), the adapter format (peft.py).
 """
 
@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TinyloraError
-from ..lora import lora_layers, merge
+from ..formats.files import atomic_folder, read_json, write_json
+from ..formats.hub import TOKENIZER_AND_GENERATION_FILES
+from ..formats.safetensors import SINGLE_FILE, write_safetensors
+from ..loading import load_model
 from ..ops.linear import widen_bf16
-from .files import atomic_folder, read_json, write_json
-from .hub import TOKENIZER_AND_GENERATION_FILES
-from .safetensors import SINGLE_FILE, write_safetensors
+from .inject import lora_layers, merge
+from .peft import load_adapter
 
 # Files copied as they are from the source folder, when it has them.
 TOKENIZER_FILES = TOKENIZER_AND_GENERATION_FILES      # copied next to the merged weights
@@ -103,8 +105,6 @@ def fuse(model_path: str | os.PathLike, adapter_path: str | os.PathLike, save_pa
     The base model is loaded in float32 whatever `dtype` says: ΔW is merged at
     full precision and rounded once, on writing.
     """
-    from ..loading import load_model          # loading sits above formats: imported where used
-    from .peft import load_adapter
     if dtype not in DTYPES:
         raise TinyloraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     save_path = Path(save_path)

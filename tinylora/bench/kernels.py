@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from .kernels import matmul as K
+from ..kernels import matmul as K
 
 # SmolLM2-135M: hidden 576, 9 query heads and 3 kv heads of 64 (kv dim 192),
 # MLP width 1536, vocabulary 49152 (lm_head is tied to the embeddings).

@@ -14,33 +14,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
+from typing import get_args, get_origin, get_type_hints
 
-from .errors import TinyloraError
+from ..errors import TinyloraError
+from ..train.config import DEFAULT_MODEL, TrainConfig
 
-
-DEFAULT_MODEL = "weights/SmolLM2-135M-Instruct"
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
     if args.name.lower() in ("smollm2", "smollm2-135m-instruct"):
-        from .formats.smollm2 import download_smollm2
+        from ..formats.smollm2 import download_smollm2
         folder = download_smollm2(args.weights_dir)
     else:
-        from .formats.hub import resolve_model
+        from ..formats.hub import resolve_model
         folder = resolve_model(args.name, args.weights_dir)
     print(f"model ready in {folder}")
     return 0
 
 
 def _cmd_import_gguf(args: argparse.Namespace) -> int:
-    from .formats.gguf import import_gguf
+    from ..formats.gguf import import_gguf
     print(f"imported {args.file} into {import_gguf(args.file, args.out)}")
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import GenerationStats, generate
-    from .loading import load
+    from ..generate import GenerationStats, generate
+    from ..loading import load
     model, tok = load(args.model, dtype=args.dtype)
     _maybe_adapter(model, args)
     if args.ignore_chat_template:
@@ -59,13 +60,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from ..loading import load_model
     from .info import model_info
-    from .loading import load_model
     model = load_model(args.model, dtype=args.dtype)
     _maybe_adapter(model, args)
     print(model_info(model))
     if args.adapter_path:
-        from .lora import parameter_report
+        from ..lora import parameter_report
         c = model.lora_config
         print(f"LoRA adapter:     {args.adapter_path} (r {c.r}, alpha {c.alpha:g}, scale {c.scale:g}, "
               f"targets {', '.join(c.targets)}, layers {'all' if c.layers is None else c.layers})")
@@ -74,7 +75,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
-    from .formats.export import fuse
+    from ..lora import fuse
     out = fuse(args.model, args.adapter_path, args.save_path, dtype=args.dtype)
     print(f"fused model written to {out}")
     return 0
@@ -82,13 +83,13 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
 def _maybe_adapter(model, args: argparse.Namespace) -> None:
     if args.adapter_path:
-        from .formats.peft import load_adapter
+        from ..lora import load_adapter
         load_adapter(model, args.adapter_path)              # leaves the model in inference mode
 
 
 def _cmd_gradcheck(args: argparse.Namespace) -> int:
-    from .gradcheck_model import check_lora_model
-    from .gradcheck_ops import run_all
+    from ..gradcheck.model_check import check_lora_model
+    from ..gradcheck.op_catalogue import run_all
     ok = True
     if args.only in (None, "ops"):
         print("Every op: analytic backward vs central finite differences (float64), random upstream\n"
@@ -106,13 +107,13 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "kernels":
-        from . import bench_kernels
+        from ..bench import kernels as bench_kernels
         print(bench_kernels.blas_info())
         print(bench_kernels.format_kernel_table(bench_kernels.run_kernel_bench(repeats=args.repeats)))
         return 0
-    from . import bench
-    from .formats.files import write_json
-    from .formats.smollm2 import download_smollm2
+    from ..bench import side_by_side as bench
+    from ..formats.files import write_json
+    from ..formats.smollm2 import download_smollm2
     rows = bench.workloads(max_seq=args.max_seq)
     if args.only:
         rows = [w for w in rows if any(part.lower() in w.name.lower() for part in args.only)]
@@ -137,80 +138,67 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .data import load_dataset
-    from .loading import load
-    from .trainer import TrainConfig, train
-    targets = "all-linear" if args.targets == ["all-linear"] else args.targets
-    config = TrainConfig(
-        data=args.data, model=args.model, adapter_path=args.adapter_path, rank=args.rank, alpha=args.alpha,
-        dropout=args.dropout, targets=targets, rslora=args.rslora, layers=args.layers, batch_size=args.batch_size,
-        iters=args.iters, epochs=args.epochs, learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
-        warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip or None, grad_accum=args.grad_accum, max_seq_length=args.max_seq_length,
-        mask_prompt=args.mask_prompt, steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
-        val_batches=args.val_batches, save_every=args.save_every, resume=args.resume, early_stop=args.early_stop,
-        test=args.test, seed=args.seed)
-    load_dataset(args.data)                      # a bad line fails here, before the slow model load
-    model, tok = load(args.model, dtype=args.dtype)
+    from ..loading import load
+    from ..train import train
+    from ..train.data import load_dataset
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    load_dataset(config.data)                    # a bad line fails here, before the slow model load
+    model, tok = load(config.model, dtype=config.dtype)
     result = train(config, model, tok)
-    print(f"done: {result.steps} steps; adapter in {args.adapter_path}/"
-          + (f", best validation loss {result.best_val:.3f} in {args.adapter_path}/best/"
+    print(f"done: {result.steps} steps; adapter in {config.adapter_path}/"
+          + (f", best validation loss {result.best_val:.3f} in {config.adapter_path}/best/"
              if result.best_val is not None else ""))
     return 0
 
 
+def add_config_flags(p: argparse.ArgumentParser, config_class) -> None:
+    """One flag per field of a settings dataclass: --field-name, with the field's default, type and help.
+
+    bool -> --name / --no-name;  list[T] -> one or more T;  `T | None` -> T (None: not given).
+    Choices and `required` come from the field's metadata, next to its help text.
+    """
+    hints = get_type_hints(config_class)
+    for f in fields(config_class):
+        options = dict(f.metadata)
+        kind = hints[f.name]
+        args = [a for a in get_args(kind) if a is not type(None)] or [kind]
+        listed = next((a for a in args if get_origin(a) is list), None)
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif listed is not None:
+            options.update(nargs="+", type=get_args(listed)[0])
+        else:
+            options["type"] = args[0]
+        if options.get("required"):
+            options["default"] = argparse.SUPPRESS      # no "(default: None)" in --help
+        else:
+            options["default"] = [f.default] if listed is not None and isinstance(f.default, str) else f.default
+        p.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except an unset one (None), whose help says what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _add_train_parser(sub) -> None:
-    from .trainer import TrainConfig
-    d = TrainConfig(data="")                     # the defaults live in one place: TrainConfig
     p = sub.add_parser("train", help="fine-tune a LoRA adapter on JSONL data (mlx-lm-style flags)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_ShowDefaults,
                        description="Fine-tune a LoRA adapter. DATA is a folder with train.jsonl (and optionally "
                        "valid.jsonl, test.jsonl) or one .jsonl file; each line is {\"text\"}, {\"prompt\", "
                        "\"completion\"}, {\"messages\": [...]} or {\"instruction\", \"input\", \"output\"}.")
-    _model_args(p, adapter=False)
-    add = p.add_argument
-    add("--data", required=True, help="the data folder or .jsonl file")
-    add("--adapter-path", default=d.adapter_path, help="where the adapter, checkpoints and log go")
-    add("--rank", type=int, default=d.rank, help="LoRA rank r")
-    add("--alpha", type=float, default=d.alpha, help="LoRA alpha; the update is scaled by alpha / r")
-    add("--dropout", type=float, default=d.dropout, help="dropout on the LoRA input while training")
-    add("--targets", nargs="+", default=[d.targets], help="projections to adapt (q_proj v_proj ...) or all-linear")
-    add("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
-    add("--layers", type=int, nargs="+", default=None, help="only these layer indices (default: all)")
-    add("--batch-size", type=int, default=d.batch_size, help="examples per batch")
-    add("--iters", type=int, default=None, help="optimizer steps (default: 1000 unless --epochs)")
-    add("--epochs", type=float, default=None, help="passes over the training set, instead of --iters")
-    add("--learning-rate", type=float, default=d.learning_rate, help="peak learning rate")
-    add("--lr-schedule", choices=["constant", "linear", "cosine"], default=d.lr_schedule,
-        help="after warm-up: constant, or linear / cosine decay to --min-lr-ratio")
-    add("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
-    add("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="floor of the decay, a fraction of the rate")
-    add("--weight-decay", type=float, default=d.weight_decay, help="AdamW's decoupled weight decay")
-    add("--grad-clip", type=float, default=d.grad_clip, help="clip the global gradient norm; 0 = off")
-    add("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    add("--max-seq-length", type=int, default=d.max_seq_length, help="cut examples to this many tokens")
-    add("--mask-prompt", dest="mask_prompt", action="store_true", default=d.mask_prompt,
-        help="train only on the final assistant reply")
-    add("--no-mask-prompt", dest="mask_prompt", action="store_false", help="train on every token")
-    add("--steps-per-report", type=int, default=d.steps_per_report, help="a report line every N steps")
-    add("--steps-per-eval", type=int, default=d.steps_per_eval, help="validation loss every N steps")
-    add("--val-batches", type=int, default=d.val_batches, help="validation batches; -1 = all")
-    add("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
-    add("--resume", action="store_true", help="continue exactly from ADAPTER_PATH/checkpoint")
-    add("--early-stop", type=int, default=None, help="stop after N evaluations without a new best")
-    add("--test", action="store_true", help="report test-set loss and perplexity at the end")
-    add("--seed", type=int, default=d.seed, help="seed for LoRA init, dropout and batch order")
+    add_config_flags(p, TrainConfig)              # the flags, defaults and help texts live in TrainConfig
     p.set_defaults(func=_cmd_train)
 
 
-def _model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
-    """The flags every command that loads a model shares (`train` has its own --adapter-path: the output)."""
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or hub repo id (default {DEFAULT_MODEL})")
-    if adapter:
-        p.add_argument("--adapter-path", default=None, help="a LoRA adapter folder (PEFT format) to apply")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="float32 (exact), or bfloat16 to store the frozen weights in bf16: half the memory "
-                   "and faster decoding (a float32 checkpoint is rounded); computation stays float32")
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The flags every command that loads a model shares (`train` takes its own from TrainConfig)."""
+    shared = {f.name: f for f in fields(TrainConfig)}
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{shared['model'].metadata['help']} (default {DEFAULT_MODEL})")
+    p.add_argument("--adapter-path", default=None, help="a LoRA adapter folder (PEFT format) to apply")
+    p.add_argument("--dtype", default=shared["dtype"].default, **shared["dtype"].metadata)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,6 +322,3 @@ def main(argv: list[str] | None = None) -> int:
               f"--debug shows the traceback)", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

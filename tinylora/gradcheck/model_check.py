@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import ModelConfig
-from .gradcheck import GradcheckResult, gradcheck
-from .lora import LoraConfig, apply_lora, lora_parameters
-from .model import CausalLM, random_state_dict
+from ..config import ModelConfig
+from ..lora import LoraConfig, apply_lora, lora_parameters
+from ..model import CausalLM, random_state_dict
+from .checker import GradcheckResult, gradcheck
 
 TINY_QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 16, "intermediate_size": 24,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 40,

@@ -1,86 +1,32 @@
-"""LoRA: configure it, inject it into a frozen model, name it as PEFT does, merge it back.
-
-    y = x Wᵀ + b + s · drop(x) Aᵀ Bᵀ          A (R, in) ~ N(0, init_std²),  B (out, R) = 0
-    s = alpha / R        (or alpha / √R with rsLoRA; Kalajdzievski, 2023)
+"""LoRA in a frozen model: the `LoraLinear` layer, injecting it, naming it as PEFT does, merging it away.
 
 Right after injection B = 0, so the model computes exactly what it computed
 before; training moves only A and B. The math of the forward and backward is
-in tinylora/ops/lora.py; this module is the bookkeeping around it:
+in tinylora/ops/lora.py (`LoraLinearFn`); this module is the bookkeeping
+around it:
 
-* `LoraConfig`: the validated settings (r, alpha, dropout, targets, rsLoRA, layers, init_std);
 * `LoraLinear`: wraps a frozen `Linear` as `base_layer` and holds A and B as
   `lora_A.weight` / `lora_B.weight`, so a parameter's dotted name is PEFT's
   saved key minus the prefix `base_model.model.`;
-* `apply_lora`, `lora_parameters`, `parameter_report`, `merge`.
+* `apply_lora`, `lora_layers`, `lora_parameters`, `parameter_report`;
+* `merge`: W' = W + scale · B A. Afterwards each adapted projection is a plain
+  `Linear` again, computing x W'ᵀ + b = x Wᵀ + b + scale · x Aᵀ Bᵀ (dropout is
+  off at inference); `tinylora fuse` (lora/fused.py) merges, then saves.
 
-Saving and loading adapters in PEFT's file format is in formats/peft.py.
+The settings are lora/config.py, the file formats lora/peft.py and lora/fused.py.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import numpy as np
 
-from .errors import TinyloraError
-from .nn import Linear, Module
-from .ops.linear import widen_bf16
-from .ops.lora import LoraLinearFn
-from .tensor import Tensor
-
-# The seven projections of a Qwen2/Llama decoder layer, where each lives, in PEFT's order of a layer.
-TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-PEFT_PREFIX = "base_model.model."
-
-
-@dataclass
-class LoraConfig:
-    r: int = 8                                   # R, the rank of the update B A
-    alpha: float = 16.0                          # the update is scaled by alpha / r
-    dropout: float = 0.0                         # dropout on the bypass input while training
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])   # or "all-linear"
-    use_rslora: bool = False                     # scale alpha / sqrt(r) instead
-    layers: list[int] | None = None              # layer indices to adapt; None = all
-    init_std: float | None = None                # std of A's Gaussian init; None = 1 / r (PEFT's "gaussian")
-
-    def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r <= 0:
-            raise TinyloraError(f"LoRA r must be a positive integer, got {self.r!r}")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise TinyloraError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise TinyloraError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise TinyloraError(f"LoRA use_rslora must be true or false, got {self.use_rslora!r}")
-        if self.init_std is not None and not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
-            raise TinyloraError(f"LoRA init_std must be a positive number, got {self.init_std!r}")
-        if isinstance(self.target_modules, str):
-            if self.target_modules != "all-linear":
-                raise TinyloraError(f"LoRA target_modules must be a list of names or 'all-linear', "
-                                    f"got {self.target_modules!r}")
-        else:
-            self.target_modules = list(self.target_modules)
-            unknown = [t for t in self.target_modules if t not in TARGETS]
-            if unknown or not self.target_modules:
-                raise TinyloraError(f"LoRA target module {unknown[0] if unknown else '(none)'!r} is not one of "
-                                    f"{', '.join(TARGETS)} (or 'all-linear'); lm_head is never adapted")
-        if self.layers is not None:
-            self.layers = sorted({int(i) for i in self.layers})
-            if not self.layers or any(i < 0 for i in self.layers):
-                raise TinyloraError(f"LoRA layers must be a non-empty list of indices >= 0 (or None for all), "
-                                    f"got {self.layers}")
-
-    @property
-    def targets(self) -> list[str]:
-        """The adapted projection names, in the fixed order of TARGETS."""
-        wanted = TARGETS if self.target_modules == "all-linear" else self.target_modules
-        return [t for t in TARGETS if t in wanted]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+from ..errors import TinyloraError
+from ..nn import Linear, Module
+from ..ops.dropout import dropout_mask
+from ..ops.linear import widen_bf16
+from ..ops.lora import LoraLinearFn
+from ..tensor import Tensor
+from .config import PEFT_PREFIX, TARGETS, LoraConfig
 
 
 class LoraLinear(Module):
@@ -107,8 +53,7 @@ class LoraLinear(Module):
     def __call__(self, x: Tensor) -> Tensor:
         keep = None
         if self.dropout > 0.0 and self.training:
-            p = self.dropout
-            keep = (self.rng.random(x.shape) >= p).astype(x.dtype) / x.dtype.type(1.0 - p)   # inverted dropout
+            keep = dropout_mask(x.shape, self.dropout, self.rng, x.dtype)      # 0 or 1/(1-p), inverted dropout
         inputs = [x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight]
         if self.base_layer.bias is not None:
             inputs.append(self.base_layer.bias)
@@ -162,7 +107,10 @@ def lora_parameters(model: Module) -> list[tuple[str, Tensor]]:
 
 
 def parameter_report(model: Module) -> str:
-    """PEFT's print_trainable_parameters line: trainable, all (each tensor once) and their ratio."""
+    """PEFT's print_trainable_parameters line: trainable, all (each tensor once) and their ratio.
+
+    Counts are logical parameters: a bf16 or quantised weight counts out × in, whatever bytes it holds.
+    """
     trainable = sum(t.size for _, t in model.named_parameters() if t.requires_grad)
     total = sum(t.size for _, t in model.named_parameters())
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
