@@ -146,3 +146,29 @@ def test_gguf_of_unsupported_architecture(tmp_path, capsys):
     writer.close()
     _one_line_error(capsys, ["import-gguf", str(path), str(tmp_path / "out")], "gpt2")
     assert not (tmp_path / "out").exists()
+
+
+def test_info_counts_logical_parameters_and_reports_bytes_per_storage(tmp_path, capsys):
+    import numpy as np
+
+    from tinylora.config import ModelConfig
+    from tinylora.formats.files import write_json
+    from tinylora.formats.safetensors import write_safetensors
+    from tinylora.model import random_state_dict
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64,
+              "tie_word_embeddings": True}
+    write_json(tmp_path / "config.json", config)
+    state = random_state_dict(ModelConfig.from_dict(config), np.random.default_rng(0))
+    write_safetensors(tmp_path / "model.safetensors", state)
+    matrices = sum(a.size for a in state.values() if a.ndim == 2)
+    vectors = sum(a.size for a in state.values() if a.ndim == 1)
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main(["info", "--model", str(tmp_path), "--dtype", dtype]) == 0
+        outputs[dtype] = capsys.readouterr().out
+    total = f"{matrices + vectors:,}"
+    for o in outputs.values():
+        assert total in o.split("total", 1)[1].splitlines()[0]          # logical counts, whatever the storage
+    assert f"float32 {4 * (matrices + vectors) / 2**20:,.1f} MiB" in outputs["float32"]
+    assert f"bfloat16 {2 * matrices / 2**20:,.1f} MiB, float32 {4 * vectors / 2**20:,.1f} MiB" in outputs["bfloat16"]

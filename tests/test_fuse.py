@@ -13,14 +13,14 @@ from helpers import assert_close
 import tinylora as tl
 from tinylora.config import ModelConfig
 from tinylora.errors import TinyloraError
-from tinylora.lora import fused as export
-from tinylora.lora.fused import TOKENIZER_FILES, fuse, save_model
 from tinylora.formats.files import write_json
-from tinylora.lora.peft import save_adapter
-from tinylora.formats.safetensors import read_header, read_safetensors, write_safetensors
-from tinylora.kernels.matmul import bf16_to_f32, f32_to_bf16
+from tinylora.formats.safetensors import BFLOAT16, read_header, read_safetensors, write_safetensors
+from tinylora.kernels.weights import BF16Weight
 from tinylora.loading import load_model
 from tinylora.lora import LoraConfig, apply_lora, lora_layers, merge
+from tinylora.lora import fused as export
+from tinylora.lora.fused import TOKENIZER_FILES, fuse, save_model
+from tinylora.lora.peft import save_adapter
 from tinylora.model import random_state_dict
 
 LOGIT_TOL = 1e-4     # SPEC §3.4: the fused model gives the unmerged model's logits within 1e-4 (float32)
@@ -86,10 +86,10 @@ def test_fused_folder_is_complete_and_loads_without_the_adapter(base_dir, tmp_pa
     for name in TOKENIZER_FILES:
         assert (out / name).read_bytes() == (base_dir / name).read_bytes()
     assert json.loads((out / "config.json").read_text()) == TINY           # float32 already
-    header, metadata, _ = read_header(out / "model.safetensors")
+    names, metadata = read_header(out / "model.safetensors")
     assert metadata == {"format": "pt"}
-    assert set(header) == set(read_safetensors(base_dir / "model.safetensors"))   # tied: no lm_head.weight
-    assert {e["dtype"] for e in header.values()} == {"F32"}
+    assert set(names) == set(read_safetensors(base_dir / "model.safetensors"))    # tied: no lm_head.weight
+    assert {a.dtype for a in read_safetensors(out / "model.safetensors").values()} == {np.dtype(np.float32)}
     again = load_model(out)
     assert not lora_layers(again)
     assert_close(logits(again)[REAL], unmerged[REAL], LOGIT_TOL, "fused vs unmerged logits")
@@ -98,29 +98,30 @@ def test_fused_folder_is_complete_and_loads_without_the_adapter(base_dir, tmp_pa
 def test_bf16_output(base_dir, tmp_path):
     unmerged, out = fused(base_dir, tmp_path, "bf16")
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    header, _, _ = read_header(out / "model.safetensors")
-    assert {e["dtype"] for e in header.values()} == {"BF16"}
+    assert {a.dtype for a in read_safetensors(out / "model.safetensors").values()} == {BFLOAT16}
     assert_close(logits(load_model(out))[REAL], unmerged[REAL], BF16_TOL, "bf16 fused vs unmerged logits")
 
 
 def test_bf16_bits_in_the_model_are_written_exactly(tmp_path):
-    """A bf16 checkpoint loaded with dtype="bfloat16" keeps np.uint16 weights; saving gives the same bits back."""
+    """A bf16 checkpoint loaded with dtype="bfloat16" keeps BF16Weights; saving gives the same bits back."""
     folder = tmp_path / "bf16"
     folder.mkdir()
-    write_safetensors(folder / "model.safetensors",
-                      random_state_dict(ModelConfig.from_dict(TINY), np.random.default_rng(0), std=0.2), bf16=True)
+    state = random_state_dict(ModelConfig.from_dict(TINY), np.random.default_rng(0), std=0.2)
+    write_safetensors(folder / "model.safetensors", {k: v.astype(BFLOAT16) for k, v in state.items()})
     write_json(folder / "config.json", TINY)
-    bits = read_safetensors(folder / "model.safetensors", keep_bf16=True)
+    bits = read_safetensors(folder / "model.safetensors")
     model = load_model(folder, dtype="bfloat16")
-    assert model.model.layers[0].self_attn.q_proj.weight.dtype == np.uint16
+    assert isinstance(model.model.layers[0].self_attn.q_proj.weight.data, BF16Weight)
 
     save_model(model, tmp_path / "as-bf16", dtype="bfloat16")
-    assert read_safetensors(tmp_path / "as-bf16" / "model.safetensors", keep_bf16=True).keys() == bits.keys()
-    for name, b in read_safetensors(tmp_path / "as-bf16" / "model.safetensors", keep_bf16=True).items():
-        np.testing.assert_array_equal(b, bits[name], err_msg=name)
+    again = read_safetensors(tmp_path / "as-bf16" / "model.safetensors")
+    assert again.keys() == bits.keys()
+    for name, b in again.items():
+        assert b.dtype == BFLOAT16
+        np.testing.assert_array_equal(b.view(np.uint16), bits[name].view(np.uint16), err_msg=name)
     save_model(model, tmp_path / "as-f32", dtype="float32")
     for name, w in read_safetensors(tmp_path / "as-f32" / "model.safetensors").items():
-        np.testing.assert_array_equal(w, bf16_to_f32(bits[name]), err_msg=name)
+        np.testing.assert_array_equal(w, bits[name].astype(np.float32), err_msg=name)
 
     lora = adapted(folder, dtype="bfloat16")            # merge widens the adapted weights; the rest stay bits
     unmerged = logits(lora.train(False))
@@ -135,9 +136,12 @@ def test_a_float32_checkpoint_loads_as_bf16_bits(base_dir, tmp_path):
     model = load_model(base_dir, dtype="bfloat16")
     f32 = read_safetensors(base_dir / "model.safetensors")
     for name, p in model.named_parameters():
-        want = f32_to_bf16(f32[name]) if f32[name].ndim == 2 else f32[name]
-        assert p.data.dtype == want.dtype, name
-        np.testing.assert_array_equal(p.data, want, err_msg=name)
+        if f32[name].ndim == 2:
+            assert isinstance(p.data, BF16Weight), name
+            np.testing.assert_array_equal(p.data.bits, f32[name].astype(BFLOAT16).view(np.uint16), err_msg=name)
+        else:
+            assert p.data.dtype == np.float32, name
+            np.testing.assert_array_equal(p.data, f32[name], err_msg=name)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert_close(logits(model)[REAL], logits(load_model(base_dir))[REAL], BF16_TOL, "bf16 vs float32 logits")
     lora = adapted(base_dir, dtype="bfloat16").train(True)
@@ -241,7 +245,7 @@ def test_bf16_fused_loads_in_transformers(base_dir, tmp_path):
     assert_close(unmerged[REAL], native[REAL], 2 * BF16_TOL, "unmerged vs transformers computing in bf16")
 
     # The sharp check: the bits are torch's own rounding of the merged float32 weights.
-    bits = read_safetensors(out / "model.safetensors", keep_bf16=True)
+    bits = {k: v.view(np.uint16) for k, v in read_safetensors(out / "model.safetensors").items()}
     for name, w in export.state_dict(merge(adapted(base_dir))).items():
         expected_bits = torch.tensor(w).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
         np.testing.assert_array_equal(bits[name], expected_bits, err_msg=name)

@@ -186,7 +186,7 @@ def _sized_kernel_calls(rng):
     """(name, kernel, args) for every kernel compiled twice by parallel_when_large, on inputs big
     enough for several threads' worth of rows, with ignored rows and masks where they apply."""
     from tinylora.kernels import attention as att
-    from tinylora.kernels import matmul as mm
+    from tinylora.kernels import bf16 as mm
     x = rng.standard_normal((37, 64)).astype(np.float32)
     w = rng.standard_normal(64).astype(np.float32)
     _, rstd = rmsnorm.rmsnorm_forward(x, w, 1e-6)
@@ -210,7 +210,7 @@ def _sized_kernel_calls(rng):
             ("cross_entropy_rows", ce.cross_entropy_rows, (x, labels, -100, True)),
             ("bf16_to_f32", mm.bf16_to_f32, (bits,)),
             ("f32_to_bf16", mm.f32_to_bf16, (x,)),
-            ("gemv_nt_bf16", mm.gemv_nt_bf16, (x[:3], bits))]
+            ("gemv_bf16", mm.gemv_bf16, (x[:3], bits))]
 
 
 def _results(args, out):

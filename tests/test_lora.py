@@ -124,26 +124,28 @@ def test_merge_equals_unmerged_and_removes_the_bypass():
     model = tiny_lora_model(dtype=np.float32)
     before = logits(model)
     lora = dict(lora_layers(model))["model.layers.0.self_attn.q_proj"]
-    expected_w = lora.base_layer.weight.data + lora.scale * lora.lora_B.weight.data @ lora.lora_A.weight.data
+    expected_w = lora.base_layer.weight.data.to_float() + lora.scale * lora.lora_B.weight.data @ lora.lora_A.weight.data
     merge(model)
     assert not lora_layers(model) and not any(t.requires_grad for t in model.parameters())
     q = model.model.layers[0].self_attn.q_proj
     assert type(q) is Linear
-    assert_close(q.weight.data, expected_w, 1e-6, "W + scale B A")
+    assert_close(q.weight.data.to_float(), expected_w, 1e-6, "W + scale B A")
     assert_close(logits(model), before, 1e-5, "merged vs unmerged logits")
 
 
 def test_merge_widens_bf16_weights():
-    from tinylora.kernels.matmul import f32_to_bf16
+    from tinylora.kernels.weights import BF16Weight, DenseWeight
     config = ModelConfig.from_dict(TINY_QWEN2)
-    bits = {k: f32_to_bf16(v) for k, v in random_state_dict(config, np.random.default_rng(0), std=0.2).items()}
-    model = CausalLM.from_state_dict(config, bits)
+    model = CausalLM.from_state_dict(config, random_state_dict(config, np.random.default_rng(0), std=0.2, bf16=True))
+    assert isinstance(model.model.layers[0].self_attn.q_proj.weight.data, BF16Weight)
     apply_lora(model, LoraConfig(target_modules=["q_proj"]))
     for _, t in lora_parameters(model):
         t.data[...] = 0.05
     before = logits(model)
     merge(model)
-    assert model.model.layers[0].self_attn.q_proj.weight.dtype == np.float32
+    merged = model.model.layers[0].self_attn.q_proj.weight.data
+    assert isinstance(merged, DenseWeight) and merged.dtype == np.float32             # widened, not rounded back
+    assert isinstance(model.model.layers[0].self_attn.k_proj.weight.data, BF16Weight)   # not adapted: untouched
     assert_close(logits(model), before, 1e-5, "merged bf16 model")
 
 

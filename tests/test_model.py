@@ -92,13 +92,16 @@ def test_checkpoint_that_does_not_fit_is_refused(edit, message):
 
 
 def test_bf16_weights_stay_bf16_and_match_widened_model():
-    from tinylora.kernels.matmul import bf16_to_f32, f32_to_bf16
+    from tinylora.formats.safetensors import BFLOAT16
+    from tinylora.kernels.weights import BF16Weight, DenseWeight
     config = ModelConfig.from_dict(QWEN2)
-    bits = {k: f32_to_bf16(v) for k, v in random_state_dict(config, np.random.default_rng(3), std=0.2).items()}
-    half = CausalLM.from_state_dict(config, bits)
-    full = CausalLM.from_state_dict(config, {k: bf16_to_f32(v) for k, v in bits.items()})
-    assert half.model.layers[0].mlp.up_proj.weight.dtype == np.uint16
-    assert half.model.norm.weight.dtype == np.float32
+    bf16 = {k: v.astype(BFLOAT16) for k, v in random_state_dict(config, np.random.default_rng(3), std=0.2).items()}
+    half = CausalLM.from_state_dict(config, bf16)                      # bfloat16 arrays: kept as bf16
+    full = CausalLM.from_state_dict(config, {k: v.astype(np.float32) for k, v in bf16.items()})
+    assert isinstance(half.model.layers[0].mlp.up_proj.weight.data, BF16Weight)
+    assert isinstance(half.model.embed_tokens.weight.data, BF16Weight)
+    assert isinstance(full.model.layers[0].mlp.up_proj.weight.data, DenseWeight)
+    assert half.model.norm.weight.dtype == np.float32 and type(half.model.norm.weight.data) is np.ndarray
     ids = np.array([[1, 2, 3, 4, 5]])
     with tl.no_grad():
         assert_close(half(ids).data, full(ids).data, 1e-5, "bf16-stored vs widened logits")
@@ -201,6 +204,8 @@ def test_loss_backward_end_to_end_float64():
                  "down_w": model.model.layers[1].mlp.down_proj.weight,
                  "ln1": model.model.layers[1].input_layernorm.weight}
     for t in trainable.values():
+        if t.ndim == 2:
+            t.data = t.data.to_float()          # a frozen weight's values, as the float array a trainable weight is
         t.requires_grad = True
     ids = np.array([[4, 8, 15, 16, 23, 42 % 50], [1, 2, 3, 4, 0, 0]])
     mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])

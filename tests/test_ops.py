@@ -9,7 +9,7 @@ from helpers import GRAD_RTOL, assert_close, assert_gradcheck, tol_for
 
 import tinylora.ops
 from tinylora.gradcheck.op_catalogue import CASES, check_case
-from tinylora.kernels.matmul import bf16_to_f32, f32_to_bf16
+from tinylora.kernels.weights import BF16Weight
 from tinylora.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from tinylora.ops.dropout import dropout
 from tinylora.ops.embedding import embedding
@@ -109,18 +109,18 @@ def test_linear_cross_entropy_frozen_bf16_weight_and_no_grad():
     rng = np.random.default_rng(2)
     h0 = rng.standard_normal((5, 8)).astype(np.float32)
     w32 = rng.standard_normal((7, 8)).astype(np.float32)
-    bits = f32_to_bf16(w32)
+    half = BF16Weight.from_array(w32)
     labels = np.array([0, 6, -100, 3, 3])
     h = Tensor(h0, requires_grad=True)
-    loss = linear_cross_entropy(h, Tensor(bits), labels)
+    loss = linear_cross_entropy(h, Tensor(half), labels)
     loss.backward()
     h_ref = Tensor(h0, requires_grad=True)
-    ref = cross_entropy(linear(h_ref, Tensor(bf16_to_f32(bits))), labels)
+    ref = cross_entropy(linear(h_ref, Tensor(half.to_float())), labels)
     ref.backward()
     assert_close(loss.item(), ref.item(), 1e-5, "loss with bf16 weight")
     assert_close(h.grad, h_ref.grad, 1e-5, "dh with bf16 weight")
     with no_grad():
-        assert_close(linear_cross_entropy(Tensor(h0), Tensor(bits), labels).item(), ref.item(), 1e-5, "no-grad loss")
+        assert_close(linear_cross_entropy(Tensor(h0), Tensor(half), labels).item(), ref.item(), 1e-5, "no-grad loss")
     assert np.isnan(linear_cross_entropy(Tensor(h0), Tensor(w32), np.full(5, -100)).item())
     with pytest.raises(IndexError, match="label 7 outside the vocabulary of 7"):
         linear_cross_entropy(Tensor(h0), Tensor(w32), np.array([0, 1, 2, 3, 7]))

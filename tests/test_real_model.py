@@ -15,10 +15,15 @@ from tinylora.generate import stream_generate
 pytestmark = pytest.mark.slow
 
 LOGIT_TOL = 1e-4     # SPEC §3.3: logits within 1e-4 absolute in float32
-# SmolLM2's logits reach ~40 after 30 layers, so float32 rounding alone moves them by ~1e-4: measured,
-# tinylora float32 is 7.9e-5 and transformers float32 8.9e-5 from a float64 run, and the two are
-# 1.1e-4 apart. So each float32 model is held to 1e-4 of the float64 result (transformers is the
-# independent side: it shows the float64 run is right), and the two to each other by the triangle.
+# SmolLM2's logits reach ~40 after 30 layers and its residual stream ~25000, so float32 rounding alone
+# moves the logits by ~1e-4. Measured from a float64 run: transformers float32 8.9e-5; tinylora float32
+# 7.9e-5 on Cascade Lake and 1.13e-4 on Zen 5 (the "def fib" prompt). The difference is numpy's
+# OpenBLAS sgemm, which sums K = 1536 products of layer 2's down_proj in one running float32 sum: from
+# the same exact input it is 1.5e-4 off an output of |480| where MKL is 3e-5 off and the float32-rounded
+# operands alone give 1.9e-5. So each float32 model is held to F32_TOL of the float64 result
+# (transformers is the independent side: it shows the float64 run is right), and the two to each other
+# within PAIR_TOL (measured <= 9.9e-5). A wrong op moves the logits by 1e-2 or more.
+F32_TOL = 2 * LOGIT_TOL
 PAIR_TOL = 2 * LOGIT_TOL
 PROMPTS = ["What is the capital of France?", "写一首关于秋天的短诗。", "def fib(n):\n    # return the n-th Fibonacci number"]
 
@@ -44,8 +49,8 @@ def test_logits_equal_transformers_gguf_load(smollm2, smollm2_f64, transformers_
     with tl.no_grad():
         ours = model(np.array([ids])).data
         exact = smollm2_f64(np.array([ids])).data
-    assert_abs_close(theirs, exact, LOGIT_TOL, "transformers float32 vs tinylora float64")
-    assert_abs_close(ours, exact, LOGIT_TOL, "tinylora float32 vs float64")
+    assert_abs_close(theirs, exact, F32_TOL, "transformers float32 vs tinylora float64")
+    assert_abs_close(ours, exact, F32_TOL, "tinylora float32 vs float64")
     assert_abs_close(ours, theirs, PAIR_TOL, "tinylora vs transformers, float32")
 
 

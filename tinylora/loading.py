@@ -15,30 +15,45 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
+from .errors import TinyloraError
 from .formats.hub import resolve_model
-from .formats.safetensors import load_checkpoint
+from .formats.safetensors import BFLOAT16, load_checkpoint
+from .kernels.weights import BF16Weight
 from .model import CausalLM
 from .tokenizer import Tokenizer
 
-DTYPES = {"float32": np.float32, "float64": np.float64, "bfloat16": np.float32}
+DTYPES = {"float32": np.float32, "float64": np.float64, "bfloat16": np.float32}   # -> the compute dtype
+
+
+def as_read(dtype: str):
+    """The per-tensor conversion of a checkpoint read for `dtype` (load_checkpoint's `convert`).
+
+    Applied to each tensor as it is read, so a checkpoint never exists in memory twice:
+    "bfloat16": matrices become BF16Weights (bf16 bits kept; floats rounded to nearest even);
+    otherwise: bfloat16 tensors are widened to float32 (exactly); the model casts the rest.
+    """
+    def convert(name: str, a: np.ndarray):
+        if dtype == "bfloat16" and a.ndim == 2:
+            return BF16Weight.from_array(a)
+        return a.astype(np.float32) if a.dtype == BFLOAT16 else a
+    return convert
 
 
 def load_model(name_or_path: str | Path, dtype: str = "float32", weights_dir: str | Path = "weights") -> CausalLM:
     """The model alone (no tokenizer needed).
 
     dtype: "float32" (default) computes and stores in float32; "bfloat16"
-    stores the frozen matrices (projections, embeddings, lm_head) as bf16 bits
+    stores the frozen matrices (projections, embeddings, lm_head) as bf16
     and computes in float32: half the memory, and half the bytes read per
     decoded token, which is what bounds decoding speed. A bf16 checkpoint's
     bits are kept exactly; a float32 checkpoint is rounded to nearest even,
     as torch's .to(torch.bfloat16) does. "float64" is for gradient checks.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise TinyloraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     folder = resolve_model(name_or_path, weights_dir)
     config = ModelConfig.from_json(folder / "config.json")
-    bf16 = dtype == "bfloat16"
-    tensors = load_checkpoint(folder, keep_bf16=bf16, round_to_bf16=bf16)
+    tensors = load_checkpoint(folder, convert=as_read(dtype))
     model = CausalLM.from_state_dict(config, tensors, dtype=DTYPES[dtype], source=str(folder))
     model.name_or_path = str(name_or_path)     # what the user asked for (PEFT's base_model_name_or_path)
     model.folder = folder                      # where its files are (tokenizer files for `fuse`)

@@ -26,11 +26,11 @@ import numpy as np
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import TinyloraError
-from .kernels.matmul import f32_to_bf16
+from .kernels.bf16 import bf16_to_f32
+from .kernels.weights import BF16Weight, FrozenWeight, frozen_weight
 from .nn import Embedding, Linear, Module, RMSNorm
 from .ops.attention import attention
 from .ops.cross_entropy import linear_cross_entropy
-from .ops.linear import widen_bf16
 from .ops.rope import rope, rope_inv_freq, rope_tables
 from .ops.swiglu import swiglu
 from .tensor import Tensor, is_grad_enabled
@@ -162,13 +162,15 @@ class CausalLM(Module):
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_state_dict(cls, config: ModelConfig, tensors: dict[str, np.ndarray],
+    def from_state_dict(cls, config: ModelConfig, tensors: dict[str, np.ndarray | FrozenWeight],
                         dtype=np.float32, source: str = "checkpoint") -> "CausalLM":
         """Build the model around a checkpoint's tensors (Hugging Face names), all frozen.
 
-        Float tensors are cast to `dtype`. bf16 bits (np.uint16) are kept as they
-        are for the large projection weights when dtype is float32 (half the
-        memory; the matmul kernels widen them) and widened everywhere else.
+        Each matrix becomes a frozen weight that keeps its storage
+        (kernels/weights.py, `frozen_weight`): a bfloat16 array stays bf16 for
+        float32 compute, a float array becomes a float32 (or `dtype`) weight, a
+        FrozenWeight is taken as it is. Vectors (norms, biases) are tiny: they
+        become plain `dtype` arrays, so every op sees plain floats there.
         """
         expected = expected_shapes(config)
         tensors = dict(tensors)
@@ -189,23 +191,23 @@ class CausalLM(Module):
             if tuple(tensors[name].shape) != shape:
                 raise TinyloraError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
                                     f"expected {shape}")
+            t = tensors[name]
+            if not isinstance(t, FrozenWeight) and t.dtype.kind != "f" and t.dtype.name != "bfloat16":
+                raise TinyloraError(f"{source}: tensor {name} has dtype {t.dtype}, expected a floating-point type")
         return cls._build(config, tensors, np.dtype(dtype))
 
     @classmethod
-    def _build(cls, config: ModelConfig, tensors: dict[str, np.ndarray], dtype: np.dtype) -> "CausalLM":
-        def frozen(name: str, keep_bf16: bool = False) -> Tensor:
-            # Only the matrices may stay bf16: the projections and the embedding
-            # table (lm_head too when tied) are all but a few bytes of the model;
-            # the matmul kernels widen them on the fly, and the embedding widens
-            # the rows it gathers. Norms and biases are tiny, so those are
-            # widened once here and every op downstream sees plain floats.
+    def _build(cls, config: ModelConfig, tensors: dict, dtype: np.dtype) -> "CausalLM":
+        def frozen(name: str) -> Tensor:
             a = tensors[name]
-            if a.dtype == np.uint16 and keep_bf16 and dtype == np.float32:
-                return Tensor(np.ascontiguousarray(a))
-            return Tensor(np.ascontiguousarray(widen_bf16(a), dtype=dtype))
+            if isinstance(a, FrozenWeight) or a.ndim == 2:
+                return Tensor(frozen_weight(a, dtype))               # (O, I) matrices: typed frozen weights
+            if a.dtype.name == "bfloat16":
+                a = bf16_to_f32(np.ascontiguousarray(a).view(np.uint16))
+            return Tensor(np.ascontiguousarray(a, dtype=dtype))     # (C,) norms and (O,) biases
 
         def proj(prefix: str, bias: bool) -> Linear:
-            return Linear(frozen(f"{prefix}.weight", keep_bf16=True), frozen(f"{prefix}.bias") if bias else None)
+            return Linear(frozen(f"{prefix}.weight"), frozen(f"{prefix}.bias") if bias else None)
 
         def norm(name: str) -> RMSNorm:
             return RMSNorm(frozen(name), config.rms_norm_eps)
@@ -219,9 +221,9 @@ class CausalLM(Module):
                       proj(f"{m}.down_proj", config.mlp_bias))
             layers.append(DecoderLayer(attn, mlp, norm(f"model.layers.{i}.input_layernorm.weight"),
                                        norm(f"model.layers.{i}.post_attention_layernorm.weight")))
-        embed = Embedding(frozen("model.embed_tokens.weight", keep_bf16=True))
+        embed = Embedding(frozen("model.embed_tokens.weight"))
         decoder = DecoderModel(embed, layers, norm("model.norm.weight"))
-        lm_head = Linear(embed.weight) if config.tie_word_embeddings else Linear(frozen("lm_head.weight", True))
+        lm_head = Linear(embed.weight) if config.tie_word_embeddings else Linear(frozen("lm_head.weight"))
         return cls(config, decoder, lm_head)
 
 
@@ -251,10 +253,10 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def random_state_dict(config: ModelConfig, rng: np.random.Generator, dtype=np.float32,
-                      std: float = 0.02, bf16: bool = False) -> dict[str, np.ndarray]:
+                      std: float = 0.02, bf16: bool = False) -> dict[str, np.ndarray | FrozenWeight]:
     """A random checkpoint for tests and benchmarks: N(0, std²) weights and biases, norms near 1.
 
-    bf16: float32 matrices are rounded to bf16 bits one at a time, as drawn (what
+    bf16: float32 matrices are rounded to BF16Weights one at a time, as drawn (what
     load_model(dtype="bfloat16") does with a float32 file), so the float32 model
     never exists whole.
     """
@@ -266,5 +268,5 @@ def random_state_dict(config: ModelConfig, rng: np.random.Generator, dtype=np.fl
         a *= 0.1 if name.endswith("norm.weight") else std
         if name.endswith("norm.weight"):
             a += 1.0
-        tensors[name] = f32_to_bf16(a) if bf16 and a.ndim == 2 else a
+        tensors[name] = BF16Weight.from_array(a) if bf16 and a.ndim == 2 else a
     return tensors

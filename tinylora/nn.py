@@ -88,7 +88,8 @@ class Linear(Module):
     """x (..., in) -> x Wᵀ + b (..., out); weight (out, in) as Hugging Face stores it.
 
     A pretrained weight is frozen (requires_grad False), so its backward
-    computes only dx. The weight may be bf16 bits (np.uint16) to halve memory.
+    computes only dx. It is a FrozenWeight of some storage (float32, bf16, ...,
+    kernels/weights.py) or, for a layer that trains (LoRA's A and B), a float array.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None):

@@ -36,6 +36,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .kernels.weights import FrozenWeight
+
 # Grad mode: the one piece of global state. Under `no_grad()` no graph is
 # recorded, so inference keeps no activations alive.
 _grad_enabled = True
@@ -59,7 +61,9 @@ def is_grad_enabled() -> bool:
 class Tensor:
     """An n-dimensional array that can take part in reverse-mode autodiff.
 
-    data:          the `np.ndarray` holding the values
+    data:          the `np.ndarray` holding the values, or for a pretrained matrix
+                   a `FrozenWeight` (kernels/weights.py: float32, bf16, ...), which
+                   only the ops with a weight input read and which never trains
     requires_grad: True for trainable leaves and for results computed from them
     grad:          for leaves with requires_grad, the accumulated gradient
                    (same shape as data) after `backward()`; None before
@@ -68,7 +72,10 @@ class Tensor:
     __slots__ = ("data", "requires_grad", "grad", "_ctx")
 
     def __init__(self, data, requires_grad: bool = False):
-        self.data = data if isinstance(data, np.ndarray) else np.asarray(data)
+        self.data = data if isinstance(data, (np.ndarray, FrozenWeight)) else np.asarray(data)
+        if requires_grad and isinstance(data, FrozenWeight):
+            raise TypeError(f"a frozen weight ({data.storage}) cannot require grad; a trainable weight is "
+                            "a float array")
         self.requires_grad = bool(requires_grad)
         self.grad: np.ndarray | None = None
         self._ctx: Function | None = None  # the Function that produced this tensor

@@ -1,9 +1,8 @@
-"""`tinylora info`: a model's architecture, shapes and parameter counts, as text."""
+"""`tinylora info`: a model's architecture, shapes, parameter counts and the bytes each storage type holds."""
 
 from __future__ import annotations
 
-import numpy as np
-
+from ..kernels.weights import FrozenWeight
 from ..model import CausalLM
 
 
@@ -19,16 +18,23 @@ def _group(name: str) -> str:
     return "other"
 
 
+def storage_bytes(model: CausalLM) -> dict[str, int]:
+    """{storage type: bytes held}: "bfloat16" for BF16Weights, the dtype's name for float arrays."""
+    held: dict[str, int] = {}
+    for _, t in model.named_parameters():
+        kind = t.data.storage if isinstance(t.data, FrozenWeight) else t.data.dtype.name
+        held[kind] = held.get(kind, 0) + t.data.nbytes
+    return held
+
+
 def model_info(model: CausalLM) -> str:
     c = model.config
     counts: dict[str, int] = {}
-    nbytes = 0
     for name, t in model.named_parameters():
-        counts[_group(name)] = counts.get(_group(name), 0) + t.size
-        nbytes += t.data.nbytes
+        counts[_group(name)] = counts.get(_group(name), 0) + t.size       # logical parameters, whatever the storage
     total = sum(counts.values())
     trainable = sum(t.size for _, t in model.trainable_parameters())
-    stored = sorted({"bf16" if t.dtype == np.uint16 else str(t.dtype) for t in model.parameters()})
+    held = storage_bytes(model)
     lines = [
         f"model:            {getattr(model, 'name_or_path', '?')}",
         f"architecture:     {c.architecture} ({'q/k/v bias' if c.qkv_bias else 'no q/k/v bias'}, "
@@ -41,7 +47,9 @@ def model_info(model: CausalLM) -> str:
         f"rope theta:       {c.rope_theta:g}" + (f" (linear scaling x{c.rope_scaling_factor:g})"
                                                  if c.rope_scaling_factor != 1 else ""),
         f"rms norm eps:     {c.rms_norm_eps:g}",
-        f"weights stored:   {', '.join(stored)}, {nbytes / 2**20:,.1f} MiB",
+        f"weights held:     " + ", ".join(f"{kind} {n / 2**20:,.1f} MiB" for kind, n in sorted(held.items(),
+                                                                                          key=lambda kv: -kv[1]))
+        + f" ({sum(held.values()) / 2**20:,.1f} MiB in all)",
         "parameters:",
     ]
     for group in ("embeddings", "attention", "mlp", "norms", "other"):

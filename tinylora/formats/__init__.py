@@ -2,7 +2,8 @@
 
     files.py        the one atomic-write helper every saved file goes through,
                     and `inside()`, which keeps names read from files in their folder
-    safetensors.py  the safetensors format, read and written by hand (bf16 included)
+    safetensors.py  .safetensors files through the safetensors library (bf16 via ml_dtypes), tensor by
+                    tensor; single or sharded checkpoints
     hub.py          a local folder or a Hugging Face repo id -> a checked local folder
     gguf.py         a llama.cpp GGUF file (Llama, Qwen2) -> a Hugging Face-format folder
     gguf_tokenizer.py  the GGUF's vocabulary and merges -> tokenizer.json (byte-level BPE)

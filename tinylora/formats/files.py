@@ -1,8 +1,8 @@
 """Atomic file writes, and names from config files kept inside their folder.
 
-Every file tinylora saves goes through `atomic_write`: the bytes go to a
-temporary file in the same folder, which is flushed and fsync'ed and then
-renamed over the target with `os.replace`. A rename within one filesystem is
+Every file tinylora saves goes through `atomic_path` (or `atomic_write`, the
+same for a file object): the bytes go to a temporary file in the same folder,
+which is fsync'ed and then renamed over the target with `os.replace`. A rename within one filesystem is
 atomic, so a reader (or a crash, or Ctrl-C) sees either the old file or the
 complete new one, never half of each. If writing fails, the temporary file is
 removed and the old file is untouched. The folder is fsync'ed after the rename
@@ -44,33 +44,47 @@ _FOLDER_MODE = 0o777 & ~_umask()
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Context manager yielding a binary file; on a clean exit it becomes `path`.
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Context manager yielding a temporary path next to `path`; on a clean exit it becomes `path`.
 
-        with atomic_write("out/model.safetensors") as f:
-            f.write(header)
-            f.write(data)
+        with atomic_path("out/model.safetensors") as tmp:
+            save_file(tensors, tmp)              # a library that wants a file name
 
-    On an exception inside the block, nothing at `path` changes and the
-    temporary file is deleted; the exception propagates.
+    On a clean exit the file is fsync'ed, given the permissions open() would
+    give, and renamed over `path`. On an exception nothing at `path` changes,
+    the temporary file is deleted, and the exception propagates.
     """
     path = Path(path)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     # Same folder as the target: os.replace is only atomic within one filesystem.
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fchmod(f.fileno(), _FILE_MODE)
-            os.fsync(f.fileno())
+        yield Path(tmp_name)
+        fd = os.open(tmp_name, os.O_RDONLY)
+        try:
+            os.fchmod(fd, _FILE_MODE)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp_name, path)
     except BaseException:                       # includes KeyboardInterrupt: never leave the temp file
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
     _fsync_folder(folder)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Context manager yielding a binary file; on a clean exit it becomes `path` (see atomic_path).
+
+        with atomic_write("out/config.json") as f:
+            f.write(data)
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -1,176 +1,80 @@
-"""The safetensors format, read and written with NumPy alone.
+"""Safetensors files, read and written with the `safetensors` library; bfloat16 through `ml_dtypes`.
 
-A .safetensors file is three parts:
+A .safetensors file is an 8-byte header length, a JSON header
+({"<name>": {"dtype": "BF16", "shape": [576, 49152], "data_offsets": [begin, end]}, ...,
+"__metadata__": {"format": "pt"}}) and the tensors' raw little-endian bytes.
+The library parses and checks all of it (header size, JSON, dtypes, shapes
+against offsets, overlaps, gaps, truncation), and `ml_dtypes` gives NumPy a
+real bfloat16 dtype, so a BF16 tensor reads as a bfloat16 array and a
+bfloat16 array writes as BF16. The rule for writing is one line: **the dtype
+on disk is the array's dtype.**
 
-    8 bytes      N, the header length, unsigned little-endian
-    N bytes      a JSON object, padded with spaces to a multiple of 8:
-                 {"<tensor name>": {"dtype": "BF16", "shape": [576, 49152],
-                                    "data_offsets": [begin, end]},
-                  ...,
-                  "__metadata__": {"format": "pt"}}      (optional, str -> str)
-    the rest     the tensors' raw little-endian bytes, C order; each tensor's
-                 offsets count from the first byte after the header
+What this module adds to the library:
+* every error the library raises becomes one TinyloraError naming the file;
+* tensors are read one at a time, and a `convert(name, array)` hook turns each
+  into what the caller keeps (bf16 rounding, widening) before the next is read.
+  The library maps the whole file into memory, and the pages a tensor was
+  copied from stay resident, counted in the process's RSS, until the file is
+  closed: a checkpoint read in one `safe_open` peaks at twice its size. So the
+  file is opened afresh for each tensor (the header is parsed again, which
+  costs microseconds), and a model loads with its own bytes plus one tensor;
+* checkpoints: one model.safetensors, or shards listed by an index whose file
+  names must stay inside the folder (files.inside);
+* writing goes through the one atomic-write helper (files.atomic_path).
 
-Why not the `safetensors` package? Its NumPy backend refuses BF16 ("data type
-'bfloat16' not understood": NumPy has no bfloat16), and BF16 is what most
-Qwen checkpoints ship in. Reading the format ourselves is a page of code, and
-we validate the header before allocating anything, so a corrupt or hostile
-file fails with one line naming the file and the tensor instead of a
-MemoryError or a silent short read. (The package stays in the tests, as an
-independent oracle.)
-
-BF16 is bfloat16: the top 16 bits of a float32. On read it becomes float32
-(exact), or with `keep_bf16=True` stays as its raw bits in an np.uint16 array
-("bf16 bits"), which the matmul kernels widen on the fly and which halves the
-memory of frozen weights. The conversions live in kernels/matmul.py.
-
-The writing rule, one line: **the dtype on disk is the array's dtype, except
-that `bf16=True` writes every floating array as BF16** (rounded to nearest
-even). An np.uint16 array is always written as U16: this writer cannot tell
-bf16 bits from integers, so it never guesses. To write bf16 bits you hold,
-widen them with `bf16_to_f32` (exact) and pass `bf16=True`; the same bits come
-back out.
-
-What is not here: no lazy loading (every tensor is read into its own array),
-no float8 dtypes, no big-endian hosts.
+What is not here: lazy loading (every tensor is read into its own array), the
+model's checks of names and shapes against its config (model.py).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from pathlib import Path
+from typing import Callable
 
+import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from ..errors import TinyloraError
-from ..kernels.matmul import bf16_to_f32, f32_to_bf16
-from .files import atomic_write, inside, read_json
+from .files import atomic_path, inside, read_json
 
-# safetensors dtype name <-> NumPy dtype (little-endian on disk). BF16 has no
-# NumPy dtype; its bits are read as '<u2' and converted (see the docstring).
-DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype("bool"), "U8": np.dtype("u1"), "I8": np.dtype("i1"),
-    "I16": np.dtype("<i2"), "U16": np.dtype("<u2"), "I32": np.dtype("<i4"), "U32": np.dtype("<u4"),
-    "I64": np.dtype("<i8"), "U64": np.dtype("<u8"),
-    "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
-}
-_NAMES = {dt: name for name, dt in DTYPES.items() if name != "BF16"}   # np dtype -> name, for writing
-
-# The reference implementation refuses headers over 100 MB; so do we, before
-# reading one. A real header is ~100 bytes per tensor.
-MAX_HEADER_BYTES = 100_000_000
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# What the library raises for a file it cannot read: its own error for a bad header, and the
+# NumPy/ml_dtypes errors of building an array of a dtype NumPy lacks (float8, float4, ...).
+_LIBRARY_ERRORS = (SafetensorError, ValueError, TypeError, AttributeError, OverflowError)
 
 
-# --------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------
+def is_float(dtype) -> bool:
+    """A floating-point dtype, bfloat16 included (ml_dtypes' types have kind 'V', not 'f')."""
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype) == BFLOAT16
 
-def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str], int]:
-    """path -> (entries {name: {dtype, shape, data_offsets}}, metadata, data_start), validated.
 
-    Checks, before anything is allocated: the header length fits in the file;
-    the header is a JSON object of well-formed entries; every dtype is known;
-    each tensor's byte count is prod(shape) * itemsize; the tensors tile the
-    data section exactly (no gaps, no overlaps, nothing past the end of file).
-    """
-    path = Path(path)
+def _open(path: Path):
+    if path.is_dir():
+        raise TinyloraError(f"{path}: is a folder, not a safetensors file")
     try:
-        file_size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise TinyloraError(f"{path}: not a safetensors file: {file_size} bytes, shorter than "
-                                    "the 8-byte header length")
-            n = int.from_bytes(prefix, "little")
-            if n > MAX_HEADER_BYTES or 8 + n > file_size:
-                raise TinyloraError(f"{path}: corrupt safetensors file: header length {n} bytes, "
-                                    f"but the file has {file_size} bytes")
-            raw = f.read(n)
+        return safe_open(path, framework="numpy")
     except FileNotFoundError:
         raise TinyloraError(f"{path}: file not found") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TinyloraError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise TinyloraError(f"{path}: corrupt safetensors header: expected a JSON object")
-
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise TinyloraError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
-
-    data_start, data_size = 8 + n, file_size - 8 - n
-    for name, entry in header.items():
-        _check_entry(path, name, entry, data_size)
-    # The tensors must tile [0, data_size) exactly, as the format requires.
-    end = 0
-    for name, entry in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
-        begin, stop = entry["data_offsets"]
-        if begin != end:
-            what = "overlaps the previous tensor" if begin < end else f"leaves a gap at byte {end}"
-            raise TinyloraError(f"{path}: corrupt safetensors header: tensor {name!r} "
-                                f"(bytes {begin}..{stop}) {what}")
-        end = stop
-    if end != data_size:
-        raise TinyloraError(f"{path}: corrupt safetensors file: tensors end at byte {end} of a "
-                            f"{data_size}-byte data section (truncated, or trailing bytes)")
-    return header, metadata, data_start
+    except OSError as e:
+        raise TinyloraError(f"{path}: cannot read: {e.strerror or e}") from None
+    except _LIBRARY_ERRORS as e:
+        raise TinyloraError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
 
 
-def _check_entry(path: Path, name: str, entry, data_size: int) -> None:
-    """One header entry: known dtype, shape of non-negative ints, offsets that match and fit."""
-    def bad(why: str) -> TinyloraError:
-        return TinyloraError(f"{path}: corrupt safetensors header: tensor {name!r}: {why}")
-
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise bad("needs dtype, shape and data_offsets")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
-        raise bad(f"dtype {dtype!r} is not supported (supported: {', '.join(DTYPES)})")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise bad(f"shape {shape!r} is not a list of non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-        raise bad(f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
-    if offsets[1] > data_size:
-        raise bad(f"data_offsets {offsets} run past the end of the file ({data_size} data bytes)")
-    nbytes = math.prod(shape) * DTYPES[dtype].itemsize     # Python ints: no overflow on absurd shapes
-    if offsets[1] - offsets[0] != nbytes:
-        raise bad(f"shape {shape} of {dtype} needs {nbytes} bytes, data_offsets give {offsets[1] - offsets[0]}")
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
-def read_safetensors(path: str | os.PathLike, keep_bf16: bool = False,
-                     round_to_bf16: bool = False) -> dict[str, np.ndarray]:
-    """path -> {name: array}, in file order; BF16 -> float32, or np.uint16 bits with keep_bf16.
-
-    Each tensor is read straight from the file into its own (aligned, writable)
-    array with np.fromfile: a 1 GB checkpoint is never a 1 GB Python bytes object.
-    round_to_bf16: float matrices (2-D) become bf16 bits too, rounded to nearest
-    even as each is read, so a float32 checkpoint loads into half its size
-    without ever being in memory whole.
-    """
+def read_header(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """path -> (tensor names in file order, the `__metadata__` strings), checked by the library."""
     path = Path(path)
-    header, _, data_start = read_header(path)
-    tensors: dict[str, np.ndarray] = {}
-    with open(path, "rb") as f:
-        for name, entry in header.items():
-            dtype, shape = entry["dtype"], tuple(entry["shape"])
-            count = math.prod(shape)
-            f.seek(data_start + entry["data_offsets"][0])
-            array = np.fromfile(f, dtype=DTYPES[dtype], count=count)
-            if array.size != count:             # the file shrank since read_header looked at it
-                raise TinyloraError(f"{path}: truncated while reading tensor {name!r}")
-            array = array.reshape(shape)
-            if dtype == "BF16" and not keep_bf16:
-                array = bf16_to_f32(array)
-            elif round_to_bf16 and dtype in ("F16", "F32", "F64") and array.ndim == 2:
-                array = f32_to_bf16(np.ascontiguousarray(array, dtype=np.float32))
-            tensors[name] = array
-    return tensors
+    with _open(path) as f:
+        return list(f.keys()), dict(f.metadata() or {})
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -178,14 +82,31 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return read_header(path)[1]
 
 
-def load_checkpoint(folder: str | os.PathLike, keep_bf16: bool = False,
-                    round_to_bf16: bool = False) -> dict[str, np.ndarray]:
-    """An HF-format folder's weights -> {name: array}.
+def read_safetensors(path: str | os.PathLike, convert: Callable[[str, np.ndarray], object] | None = None) -> dict:
+    """path -> {name: array, or convert(name, array)}, in file order, one tensor in memory at a time.
+
+    Arrays are writable, C-contiguous and of the file's dtype (BF16 -> bfloat16).
+    """
+    path = Path(path)
+    names, _ = read_header(path)
+    tensors = {}
+    for name in names:
+        with _open(path) as f:               # re-opened per tensor: see the module docstring
+            try:
+                array = f.get_tensor(name)
+            except _LIBRARY_ERRORS as e:
+                raise TinyloraError(f"{path}: cannot read tensor {name!r} ({_one_line(e)})") from None
+        tensors[name] = array if convert is None else convert(name, array)
+        del array
+    return tensors
+
+
+def load_checkpoint(folder: str | os.PathLike, convert: Callable[[str, np.ndarray], object] | None = None) -> dict:
+    """An HF-format folder's weights -> {name: array, or convert(name, array)}.
 
     Either one `model.safetensors`, or shards listed by `model.safetensors.index.json`
     ({"weight_map": {tensor name: shard file}}). Every tensor the index names
     must be in the shard it names; a missing shard is an error naming it.
-    keep_bf16 and round_to_bf16 are read_safetensors'.
     """
     folder = Path(folder)
     index_path = folder / INDEX_FILE
@@ -196,17 +117,18 @@ def load_checkpoint(folder: str | os.PathLike, keep_bf16: bool = False,
             hint = f" (found {', '.join(others[:3])}: pickle checkpoints are not loaded, convert to safetensors)" \
                 if others else ""
             raise TinyloraError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
-        return read_safetensors(single, keep_bf16, round_to_bf16)
+        return read_safetensors(single, convert)
 
     weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise TinyloraError(f"{index_path}: no weight_map, or an empty one")
-    tensors: dict[str, np.ndarray] = {}
-    for shard_name in sorted(set(weight_map.values()), key=str):
-        shard = inside(folder, shard_name)
+    shards = [inside(folder, shard) for shard in sorted(set(weight_map.values()), key=str)]
+    for shard in shards:                     # all checked before the first tensor is read
         if not shard.exists():
-            raise TinyloraError(f"{index_path}: shard {shard_name!r} is missing from {folder}")
-        for name, array in read_safetensors(shard, keep_bf16, round_to_bf16).items():
+            raise TinyloraError(f"{index_path}: shard {shard.name!r} is missing from {folder}")
+    tensors: dict = {}
+    for shard in shards:
+        for name, array in read_safetensors(shard, convert).items():
             if name in tensors:
                 raise TinyloraError(f"{shard}: tensor {name!r} also appears in another shard")
             tensors[name] = array
@@ -217,61 +139,23 @@ def load_checkpoint(folder: str | os.PathLike, keep_bf16: bool = False,
     return tensors
 
 
-# --------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------
-
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
-                      metadata: dict[str, str] | None = None, bf16: bool = False) -> None:
-    """{name: array} -> a .safetensors file, written atomically.
+                      metadata: dict[str, str] | None = None) -> None:
+    """{name: array} -> a .safetensors file, written atomically; each tensor keeps its dtype.
 
     metadata: the `__metadata__` strings; by default {"format": "pt"}, which
-              transformers and PEFT look for (the bytes themselves are
-              framework-neutral).
-    bf16:     write floating arrays as BF16, round to nearest even. Other
-              arrays keep their dtype; np.uint16 is always U16 (see the module
-              docstring for why).
-
-    Tensors are laid out largest item size first: with the header padded to
-    8 bytes, every tensor then starts at a multiple of its own item size, so a
-    reader may map them without copying.
+    transformers and PEFT look for (the bytes themselves are framework-neutral).
     """
     metadata = {"format": "pt"} if metadata is None else metadata
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TinyloraError(f"{path}: safetensors metadata must map strings to strings")
-
-    prepared: list[tuple[str, str, np.ndarray]] = []     # (name, dtype name, little-endian C-order array)
-    for name, array in tensors.items():
+    for name in tensors:
         if not isinstance(name, str) or name == "__metadata__":
             raise TinyloraError(f"{path}: invalid tensor name {name!r}")
-        prepared.append((name, *_to_disk(np.asarray(array), bf16, path, name)))
-    prepared.sort(key=lambda t: (-t[2].dtype.itemsize, t[0]))
-
-    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, dtype, array in prepared:
-        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-
-    with atomic_write(path) as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for _, _, array in prepared:
-            f.write(memoryview(array.reshape(-1)).cast("B"))  # no bytes copy of the tensor
-
-
-def _to_disk(array: np.ndarray, bf16: bool, path, name: str) -> tuple[str, np.ndarray]:
-    """array -> (safetensors dtype name, C-contiguous little-endian array holding exactly those bytes)"""
-    if bf16 and array.dtype.kind == "f":
-        # f64 -> f32 -> bf16 rounds twice; a tie after the first rounding can
-        # (rarely) round differently from a direct f64 -> bf16. Weights are f32.
-        wide = np.require(array, dtype=np.float32, requirements="C")
-        return "BF16", f32_to_bf16(wide)
-    little = array.dtype.newbyteorder("<") if array.dtype.itemsize > 1 else array.dtype
-    name_ = _NAMES.get(little)
-    if name_ is None:
-        raise TinyloraError(f"{path}: tensor {name!r} has dtype {array.dtype}, which safetensors "
-                            f"cannot store (supported: {', '.join(sorted(set(_NAMES.values())))})")
-    return name_, np.require(array, dtype=little, requirements="C")   # (keeps shape (), unlike ascontiguousarray)
+    # The library reads each array's memory directly: it must be C-contiguous (np.require keeps shape ()).
+    arrays = {name: np.require(a, requirements="C") for name, a in tensors.items()}
+    with atomic_path(path) as tmp:
+        try:
+            save_file(arrays, tmp, metadata=metadata or None)
+        except _LIBRARY_ERRORS as e:
+            raise TinyloraError(f"{path}: cannot write ({_one_line(e)})") from None

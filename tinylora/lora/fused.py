@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TinyloraError
+from ..kernels.bf16 import f32_to_bf16
+from ..kernels.weights import as_weight
 from ..formats.files import atomic_folder, read_json, write_json
 from ..formats.hub import TOKENIZER_AND_GENERATION_FILES
-from ..formats.safetensors import SINGLE_FILE, write_safetensors
+from ..formats.safetensors import BFLOAT16, SINGLE_FILE, write_safetensors
 from ..loading import load_model
-from ..ops.linear import widen_bf16
 from .inject import lora_layers, merge
 from .peft import load_adapter
 
@@ -40,16 +41,21 @@ TOKENIZER_FILES = TOKENIZER_AND_GENERATION_FILES      # copied next to the merge
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-def state_dict(model) -> dict[str, np.ndarray]:
-    """{Hugging Face name: float array} of every weight; bf16 bits are widened to float32 (exactly).
+def state_dict(model, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """{Hugging Face name: array as it goes on disk} of every weight, float32 or bfloat16.
 
-    `named_parameters` lists a shared tensor once, under the first name met:
-    tied embeddings appear as model.embed_tokens.weight only, as transformers saves them.
+    A weight already held as bf16 is written with its own bits (exactly); everything else is
+    rounded to nearest even. `named_parameters` lists a shared tensor once, under the first
+    name met: tied embeddings appear as model.embed_tokens.weight only, as transformers saves them.
     """
     tensors = {}
     for name, t in model.named_parameters():
-        a = t.data
-        tensors[name] = widen_bf16(a)
+        w = as_weight(t.data) if t.data.ndim == 2 else None
+        if dtype == "bfloat16":
+            bits = w.to_bf16_bits() if w is not None else f32_to_bf16(np.ascontiguousarray(t.data, np.float32))
+            tensors[name] = bits.view(BFLOAT16)
+        else:
+            tensors[name] = np.asarray(w.to_float() if w is not None else t.data, dtype=np.float32)
     return tensors
 
 
@@ -74,7 +80,7 @@ def save_model(model, out_dir: str | os.PathLike, dtype: str = "float32", overwr
     if out_dir.resolve() == source.resolve():
         raise TinyloraError(f"{out_dir}: is the folder the model was loaded from; choose another output folder")
 
-    tensors = state_dict(model)
+    tensors = state_dict(model, dtype)
     for name, array in tensors.items():
         if not np.isfinite(array).all():
             raise TinyloraError(f"{name} holds NaN or inf values; not saving a broken model "
@@ -87,11 +93,7 @@ def save_model(model, out_dir: str | os.PathLike, dtype: str = "float32", overwr
 
     with atomic_folder(out_dir, overwrite=overwrite) as staging:
         write_json(staging / "config.json", config)
-        if dtype == "bfloat16":
-            write_safetensors(staging / SINGLE_FILE, tensors, metadata={"format": "pt"}, bf16=True)
-        else:
-            write_safetensors(staging / SINGLE_FILE, {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()},
-                              metadata={"format": "pt"})
+        write_safetensors(staging / SINGLE_FILE, tensors, metadata={"format": "pt"})
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, staging / name)

@@ -21,9 +21,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import TinyloraError
+from ..kernels.weights import DenseWeight, as_weight
 from ..nn import Linear, Module
 from ..ops.dropout import dropout_mask
-from ..ops.linear import widen_bf16
 from ..ops.lora import LoraLinearFn
 from ..tensor import Tensor
 from .config import PEFT_PREFIX, TARGETS, LoraConfig
@@ -119,12 +119,13 @@ def parameter_report(model: Module) -> str:
 def merge(model: Module) -> Module:
     """Fold every adapter into its base weight, W' = W + scale · B A, and remove the bypass (in place).
 
-    A bf16-stored W is widened to float32 first: ΔW is small next to W, and
-    rounding the sum back to bf16 would erase much of it.
+    The merged W' is a float32 (or the model's float64) DenseWeight whatever W's storage: ΔW is
+    small next to W, and rounding the sum back to bf16 would erase much of it.
     """
     for path, lora in lora_layers(model):
-        w = widen_bf16(lora.base_layer.weight.data)
-        merged = Linear(Tensor((w + lora.delta_weight()).astype(w.dtype)), lora.base_layer.bias)
+        w = as_weight(lora.base_layer.weight.data).to_float()                  # (out, in) widened, if stored
+        merged_w = (w + lora.delta_weight()).astype(w.dtype)
+        merged = Linear(Tensor(DenseWeight(merged_w)), lora.base_layer.bias)
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path), name, merged)
     if hasattr(model, "lora_config"):

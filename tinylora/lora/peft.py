@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import TinyloraError
 from ..formats.files import atomic_write, read_json
-from ..formats.safetensors import read_safetensors, write_safetensors
+from ..formats.safetensors import is_float, read_safetensors, write_safetensors
 from .config import PEFT_PREFIX, TARGETS, LoraConfig
 from .inject import apply_lora, lora_layers, lora_parameters
 
@@ -281,7 +281,7 @@ def _check_tensors(path: Path, tensors: dict[str, np.ndarray], expected: dict[st
         array = found[key]
         if tuple(array.shape) != shape:
             raise TinyloraError(f"{path}: {key} has shape {tuple(array.shape)}, expected {shape}")
-        if array.dtype.kind != "f":
+        if not is_float(array.dtype):
             raise TinyloraError(f"{path}: {key} has dtype {array.dtype}, expected a floating-point type")
         if not np.isfinite(array).all():
             raise TinyloraError(f"{path}: {key} holds NaN or inf values")

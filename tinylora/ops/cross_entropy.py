@@ -11,8 +11,8 @@ row the mean is 0/0 = NaN, again as in PyTorch. The next-token shift
 (logits at t predict the label at t + 1) is the model's job, not these ops'.
 
 Two ops share one kernel:
-* `CrossEntropy` takes logits z (N, V) that already exist.
-* `LinearCrossEntropy` takes the final hidden states h (N, C) and the lm_head
+* `CrossEntropyFn` takes logits z (N, V) that already exist.
+* `LinearCrossEntropyFn` takes the final hidden states h (N, C) and the lm_head
   weight W (V, C), with z = h Wᵀ formed inside, a block of rows at a time.
   For a language model z is the largest array of training (2 x 128 tokens x
   49152 words is 100 MB; Qwen's 151936 words, 300 MB), and it is only ever
@@ -21,24 +21,28 @@ Two ops share one kernel:
   dW = dzᵀ h at once; the full (N, V) logits never exist. Rows that are
   not counted (prompt, padding) are skipped before the product. Computing
   the gradient in the forward is exact because the loss is a scalar: the
-  backward only multiplies the saved dh and dW by dloss / N_c.
+  backward only multiplies the saved dh and dW by dloss / N_c. The products
+  with W are the dispatcher's (kernels/weights.py), whatever W's storage.
+  The simple version, cross_entropy(linear(h, W)), is ops/reference.py's
+  `linear_cross_entropy`.
 """
 
 import numpy as np
 
-from ..kernels import matmul as matmul_kernels
+from ..kernels import weights
 from ..kernels.cross_entropy import cross_entropy_rows
 from ..tensor import Function, Tensor
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 16 << 20   # logits per block in LinearCrossEntropy at most: 64 MB in float32
+CHUNK_ELEMENTS = 16 << 20   # logits per block in LinearCrossEntropyFn at most: 64 MB in float32
 # (blocks are then evened out: 508 rows of SmolLM2 go as 2 x 254, where BLAS runs
 # ~20 % faster than at 3 x 170 rows, measured)
-# A bf16 W is widened tile by tile once per block (kernels/matmul.py), twice
-# counting dh = dz W; with Qwen's 151936 words a 64 MB block is 110 rows, and
-# widening all of W ten times costs more than the products. So bf16 blocks
-# hold at least this many rows: more memory for the block, far fewer widenings.
-BF16_MIN_ROWS = 256
+# A stored (not dense float) W is widened tile by tile once per block
+# (kernels/weights.py), twice counting dh = dz W; with Qwen's 151936 words a
+# 64 MB block is 110 rows, and widening all of W ten times costs more than the
+# products. So such blocks hold at least this many rows: more memory for the
+# block, far fewer widenings.
+WIDENED_MIN_ROWS = 256
 
 
 def _check_labels(labels, N: int, V: int, ignore_index: int) -> np.ndarray:
@@ -52,10 +56,10 @@ def _check_labels(labels, N: int, V: int, ignore_index: int) -> np.ndarray:
     return labels
 
 
-def _block_rows(n: int, V: int, bf16: bool) -> int:
+def _block_rows(n: int, V: int, widened: bool) -> int:
     """Rows per block for n counted rows: at most CHUNK_ELEMENTS logits (at least
-    BF16_MIN_ROWS rows for a bf16 W), in blocks of equal size."""
-    cap = max(1, CHUNK_ELEMENTS // V, BF16_MIN_ROWS if bf16 else 1)
+    WIDENED_MIN_ROWS rows for a W the products widen), in blocks of equal size."""
+    cap = max(1, CHUNK_ELEMENTS // V, WIDENED_MIN_ROWS if widened else 1)
     blocks = max(1, -(-n // cap))
     return max(1, -(-n // blocks))
 
@@ -86,33 +90,30 @@ class CrossEntropyFn(Function):
 
 
 class LinearCrossEntropyFn(Function):
-    """h (N, C), w (V, C) float or bf16 bits, labels (N,) ints -> mean loss of
+    """h (N, C), w (V, C) a frozen weight or a float array, labels (N,) ints -> mean loss of
     cross_entropy(h wᵀ, labels) (), without forming the (N, V) logits in full"""
 
     def forward(self, h, w, *, labels, ignore_index: int = IGNORE_INDEX, chunk_rows: int | None = None):
         need_dh, need_dw = self.needs_input_grad
-        if matmul_kernels.is_bf16(w) and need_dw:
-            raise TypeError("LinearCrossEntropy: a bf16 weight (np.uint16 bits) cannot require grad")
         (N, C), V = h.shape, w.shape[0]
         if w.shape[1] != C:
-            raise ValueError(f"LinearCrossEntropy: h has {C} features, weight {w.shape} expects {w.shape[1]}")
+            raise ValueError(f"linear_cross_entropy: h has {C} features, weight {w.shape} expects {w.shape[1]}")
         labels = _check_labels(labels, N, V, ignore_index)
         counted = np.flatnonzero(labels != ignore_index)        # (N_c,) rows that count
         hc, yc = np.ascontiguousarray(h[counted]), labels[counted]   # (N_c, C), (N_c,)
-        w_f = w if matmul_kernels.is_bf16(w) else w.astype(h.dtype, copy=False)
         dhc = np.empty_like(hc) if need_dh else None              # (N_c, C)
         dw = np.zeros((V, C), dtype=h.dtype) if need_dw else None
-        rows = chunk_rows or _block_rows(len(counted), V, matmul_kernels.is_bf16(w))
+        rows = chunk_rows or _block_rows(len(counted), V, widened=not weights.as_weight(w).dense)
         total = 0.0
         for r0 in range(0, len(counted), rows):
             part = slice(r0, r0 + rows)
-            z = matmul_kernels.linear(hc[part], w_f)            # (n, V) logits z = h Wᵀ
+            z = weights.linear(hc[part], w)                     # (n, V) logits z = h Wᵀ
             loss, _ = cross_entropy_rows(z, yc[part], ignore_index, need_dh or need_dw)   # z -> dz
             total += loss.sum()
             if need_dh:
-                dhc[part] = matmul_kernels.matmul(z, w_f)       # (n, C)  dh = dz W
+                dhc[part] = weights.linear_dx(z, w)             # (n, C)  dh = dz W
             if need_dw:
-                dw += matmul_kernels.matmul(z.T, hc[part])      # (V, C)  dW = dzᵀ h
+                dw += z.T @ hc[part]                            # (V, C)  dW = dzᵀ h (a float W only)
             del z                                               # before the next block's logits exist
         count = len(counted)
         self.save_for_backward(counted, dhc, dw, h.shape, count)

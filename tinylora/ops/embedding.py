@@ -8,13 +8,14 @@ both gradients. In LoRA training the table is frozen, so this never runs; the
 gradient still flows to the embedding *outputs*, which is all the layers above
 need.
 
-A frozen table may be stored as bf16 bits (np.uint16, see
-tinylora/kernels/matmul.py): the gathered rows are widened to float32.
+The table is a frozen weight of any storage (kernels/weights.py: the
+dispatcher's `gather` widens just the rows it picks) or, when it trains, a
+float array.
 """
 
 import numpy as np
 
-from ..kernels.matmul import bf16_to_f32, is_bf16
+from ..kernels import weights
 from ..tensor import Function, Tensor
 
 
@@ -28,12 +29,8 @@ class EmbeddingFn(Function):
         if ids.size and (ids.min() < 0 or ids.max() >= w.shape[0]):
             bad = ids[(ids < 0) | (ids >= w.shape[0])][0]
             raise IndexError(f"embedding: token id {bad} outside the vocabulary of {w.shape[0]}")
-        if is_bf16(w):
-            if self.needs_input_grad[0]:
-                raise TypeError("embedding: a bf16 table (np.uint16 bits) cannot require grad")
-            return bf16_to_f32(np.ascontiguousarray(w[ids]))      # (B, T, C) float32
-        self.save_for_backward(ids, w.shape)
-        return w[ids]
+        self.save_for_backward(ids, w.shape)                  # kept only when W trains
+        return weights.gather(w, ids)                         # (B, T, C)
 
     def backward(self, dy):
         ids, w_shape = self.saved

@@ -18,14 +18,18 @@ With B = 0 at the start, y equals the base layer's output exactly, and dA is
 zero until B moves away from zero: B learns first, then A.
 
 The bypass costs 2·R·(in + out) FLOPs per token against 2·in·out for W:
-for R = 8 and a 576×576 projection that is under 3 % more work. The module
-that owns A and B, and the scale s = alpha/R (or alpha/√R with rsLoRA), is
-`LoraLinear` in tinylora/lora.py (this op is `LoraLinearFn`: the Function, not the module).
+for R = 8 and a 576×576 projection that is under 3 % more work. The frozen
+products x Wᵀ and dy W are the same two dispatcher calls `LinearFn` makes
+(kernels/weights.py), whatever W's storage; only the bypass is written here.
+The module that owns A and B, and the scale s = alpha/R (or alpha/√R with
+rsLoRA), is `LoraLinear` in tinylora/lora/inject.py, which also draws the
+dropout mask. The same layer written as two linears and a scale, with no
+hand-written backward, is `lora_linear` in ops/reference.py.
 """
 
 import numpy as np
 
-from ..kernels import matmul as matmul_kernels
+from ..kernels import weights
 from ..tensor import Function
 
 
@@ -35,12 +39,11 @@ class LoraLinearFn(Function):
     def forward(self, x, w, lora_a, lora_b, bias=None, *, scale: float, keep=None):
         if self.needs_input_grad[1]:
             raise TypeError("LoraLinearFn: the base weight must be frozen (requires_grad False)")
-        c_in = w.shape[1]
-        x2 = np.ascontiguousarray(x.reshape(-1, c_in))                 # (N, in)
+        x2 = np.ascontiguousarray(x.reshape(-1, w.shape[1]))          # (N, in)
         if keep is not None:
             keep = keep.reshape(x2.shape).astype(x2.dtype, copy=False)  # (N, in) 0 or 1/(1-p)
         xd = x2 if keep is None else x2 * keep                          # (N, in)  drop(x)
-        y = matmul_kernels.linear(x2, w, bias)                          # (N, out) x Wᵀ + bias
+        y = weights.linear(x2, w, bias)                                 # (N, out) x Wᵀ + bias
         u = xd @ lora_a.T                                               # (N, R)   drop(x) Aᵀ
         y += (u * scale) @ lora_b.T                                     # (N, out) + s · u Bᵀ, s on the thin side
         self.save_for_backward(xd, w, lora_a, lora_b, u, keep, x.shape, scale)
@@ -55,8 +58,7 @@ class LoraLinearFn(Function):
             bypass = du @ lora_a                                        # (N, in)   du A
             if keep is not None:
                 bypass *= keep                                          # drop'(du A)
-            w_dy = w if matmul_kernels.is_bf16(w) else w.astype(dy.dtype, copy=False)
-            dx = matmul_kernels.matmul(dy2, w_dy)                       # (N, in)   dy W
+            dx = weights.linear_dx(dy2, w)                              # (N, in)   dy W
             dx += bypass                                                #           + drop'(du A)
             dx = dx.reshape(x_shape)
         if self.needs_input_grad[2]:

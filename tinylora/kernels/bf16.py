@@ -1,0 +1,102 @@
+"""bfloat16 kernels: conversions, widening rows for BLAS, and the one-token GEMV that reads bf16 directly.
+
+bf16 is the top half of an IEEE float32: the same sign and 8-bit exponent,
+7 mantissa bits. The kernels see its 16 bits as np.uint16 ("bf16 bits");
+the `BF16Weight` type (kernels/weights.py) is what the rest of tinylora holds.
+
+* Widening is exact: f32 bits = bf16 bits << 16.
+* Narrowing rounds to nearest, ties to even, by adding 0x7FFF + (the lowest
+  kept bit) before dropping the low 16 bits; a carry may ripple into the
+  exponent, which is exactly right (and rounds the largest floats up to inf,
+  as it should). NaN needs care: its payload may live only in the dropped
+  bits, so the top mantissa bit is set to keep it a (quiet) NaN rather than
+  turn it into inf. torch's `.to(torch.bfloat16)` and ml_dtypes round the same way.
+
+Shapes: x (N, I) activations, a weight (O, I) as Hugging Face stores it.
+"""
+
+import numba as nb
+import numpy as np
+
+from . import PARALLEL_MIN, parallel_when_large
+
+
+@parallel_when_large(PARALLEL_MIN)
+def bf16_to_f32(bits):
+    """bits (...) uint16, C-contiguous -> (...) float32 (exact)"""
+    flat = bits.reshape(-1)
+    out = np.empty(flat.size, dtype=np.uint32)
+    for i in nb.prange(flat.size):
+        out[i] = np.uint32(flat[i]) << 16
+    return out.view(np.float32).reshape(bits.shape)
+
+
+@parallel_when_large(PARALLEL_MIN)
+def f32_to_bf16(x):
+    """x (...) float32, C-contiguous -> (...) uint16 bf16 bits, round to nearest even"""
+    u = x.reshape(-1).view(np.uint32)
+    out = np.empty(u.size, dtype=np.uint16)
+    for i in nb.prange(u.size):
+        b = u[i]
+        if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):     # NaN
+            out[i] = np.uint16((b >> np.uint32(16)) | np.uint32(0x0040))
+        else:
+            lsb = (b >> np.uint32(16)) & np.uint32(1)
+            out[i] = np.uint16((np.uint64(b) + np.uint64(0x7FFF) + lsb) >> np.uint64(16))
+    return out.reshape(x.shape)
+
+
+@nb.njit(cache=True)
+def widen_rows(bits, start, stop, out):
+    """bits (O, I) uint16, rows start:stop -> out[:stop-start] (stop-start, I) float32, in place.
+
+    Serial on purpose: it runs between two BLAS calls, and a Numba thread pool
+    waking up there would fight OpenBLAS' (still spinning) threads for the cores.
+    """
+    wide = out.view(np.uint32)
+    for n in range(stop - start):
+        for k in range(bits.shape[1]):
+            wide[n, k] = np.uint32(bits[start + n, k]) << 16
+
+
+# Decoding (N = 1, a few): each weight is used N times, so the work is bound
+# by reading the weights from memory, and a bf16 weight is half the bytes.
+# Each thread takes ROWS weight rows, widens one row at a time into an
+# L1-resident buffer and dots it with every row of x: the only pass over
+# memory reads the bf16 bytes.
+#
+# The one kernel in tinylora with fast-math flags, and only two of them:
+# "reassoc" lets LLVM split `s += x[k] * row[k]` into vector partial sums,
+# "contract" fuses the multiply and add. Neither assumes finite numbers, so
+# NaN and inf propagate as before (tests/test_matmul.py checks both
+# compilations); only the summation order changes, as it does between BLAS
+# builds. Without them LLVM keeps one scalar sum, and this kernel ran 2-2.4x
+# slower, slower than fp32 BLAS; with them bf16 decoding is ~1.3x faster
+# than fp32 (`tinylora bench kernels`, `tinylora bench --only decode`).
+GEMV_FASTMATH = {"reassoc", "contract"}
+ROWS = 64    # weight rows per parallel task
+
+
+@parallel_when_large(1 << 20, fastmath=GEMV_FASTMATH)
+def gemv_bf16(x, bits, bias=None):
+    """x (N, I) float32, bits (O, I) uint16, bias (O,) float32 or None -> y (N, O) float32, for small N
+
+    Weights under 1M run on one thread: at N = 1 waking the pool costs more than it saves.
+    """
+    N, I = x.shape
+    O = bits.shape[0]
+    y = np.empty((N, O), dtype=np.float32)
+    for b in nb.prange((O + ROWS - 1) // ROWS):
+        wide = np.empty(I, dtype=np.uint32)          # one widened row ...
+        row = wide.view(np.float32)                  # ... read as float32
+        for o in range(b * ROWS, min(O, (b + 1) * ROWS)):
+            w_o = bits[o]
+            for k in range(I):
+                wide[k] = np.uint32(w_o[k]) << 16
+            for n in range(N):
+                x_n = x[n]
+                s = np.float32(0.0)
+                for k in range(I):
+                    s += x_n[k] * row[k]
+                y[n, o] = s if bias is None else s + bias[o]
+    return y
