@@ -9,15 +9,14 @@ the one with an even last bit, and ml_dtypes' own float32 -> bfloat16 cast.
 
 import numpy as np
 import pytest
+from helpers import assert_close, assert_gradcheck, tol_for
 
-from tinylora import Tensor, gradcheck, no_grad
+from tinylora import Tensor, gradcheck
 from tinylora.formats.safetensors import BFLOAT16
 from tinylora.kernels import bf16 as B
 from tinylora.kernels import matmul as K
 from tinylora.kernels import weights as W
 from tinylora.ops.linear import LinearFn, MatMulFn, linear
-
-from helpers import assert_close, assert_gradcheck, tol_for
 
 DTYPES = [np.float32, np.float64]
 # (N, O, I): N = 1 (decoding), non-square, I not a multiple of UNROLL or LANES,

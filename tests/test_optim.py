@@ -329,16 +329,16 @@ def test_load_state_errors(tmp_path):
     def fresh():
         return AdamW(make_params(np.float32), lr=1e-3)
 
-    with pytest.raises(TinyloraError, match="'a.lora_B.weight.exp_avg_sq' has shape \\(4, 4\\)"):
+    with pytest.raises(TinyloraError, match=r"tensor a.lora_B.weight.exp_avg_sq has shape \(4, 4\), expected \(8, 4\)"):
         fresh().load_state_dict(tensors | {"a.lora_B.weight.exp_avg_sq": np.zeros((4, 4))}, scalars)
-    with pytest.raises(TinyloraError, match="tensor 'b.lora_A.weight.exp_avg' is missing"):
+    with pytest.raises(TinyloraError, match="missing tensor b.lora_A.weight.exp_avg"):
         fresh().load_state_dict({k: v for k, v in tensors.items() if k != "b.lora_A.weight.exp_avg"}, scalars)
-    with pytest.raises(TinyloraError, match="unexpected tensor 'c.exp_avg'"):
+    with pytest.raises(TinyloraError, match="unexpected tensor c.exp_avg: not a parameter being trained"):
         fresh().load_state_dict(tensors | {"c.exp_avg": np.zeros(3)}, scalars)
-    with pytest.raises(TinyloraError, match="unexpected step count of 'c.lora_A.weight' \\(not a parameter being trained\\)"):
+    with pytest.raises(TinyloraError, match="unexpected step count for c.lora_A.weight: not a parameter being trained"):
         fresh().load_state_dict(tensors, scalars | {"steps": scalars["steps"] | {"c.lora_A.weight": 1}})
     missing = {k: v for k, v in scalars["steps"].items() if k != "a.lora_A.weight"}
-    with pytest.raises(TinyloraError, match="step count of 'a.lora_A.weight' is missing"):
+    with pytest.raises(TinyloraError, match="missing step count for a.lora_A.weight"):
         fresh().load_state_dict(tensors, scalars | {"steps": missing})
     with pytest.raises(TinyloraError, match="missing 'eps'"):
         fresh().load_state_dict(tensors, {k: v for k, v in scalars.items() if k != "eps"})

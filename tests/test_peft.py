@@ -175,7 +175,7 @@ Q_A = f"{PREFIX}.0.self_attn.q_proj.lora_A.weight"
 Q_B = f"{PREFIX}.0.self_attn.q_proj.lora_B.weight"
 
 BAD = {
-    "rank in config": (edit_config(r=8), re.escape(f"{WEIGHTS_FILE}: {Q_A} has shape (4, 16), expected (8, 16)")),
+    "rank in config": (edit_config(r=8), re.escape(f"{WEIGHTS_FILE}: tensor {Q_A} has shape (4, 16), expected (8, 16)")),
     "transposed B": (edit_tensors(lambda t: t | {Q_B: t[Q_B].T.copy()}),
                      rf"{Q_B} has shape \(4, 16\), expected \(16, 4\)"),
     "missing tensor": (edit_tensors(lambda t: {k: v for k, v in t.items() if k != Q_B}),

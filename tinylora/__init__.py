@@ -10,6 +10,13 @@ The public surface (SPEC §3.10); everything else is free to change:
     print(tinylora.parameter_report(model))                        # trainable params: … || all params: …
     loss = model.loss(input_ids, labels, attention_mask); loss.backward()
     tinylora.save_adapter(model, "adapters/")                      # PEFT format
+
+Shapes in comments use one alphabet throughout the package:
+B batch, T new tokens, S keys (cached + new), C hidden size, H query heads,
+K key/value heads (G = H/K queries per kv head), D head size, F MLP
+intermediate size, V vocabulary, R LoRA rank, L layers, N rows of a product
+(all leading axes flattened), I and O a linear's input and output features
+(`in`, `out` in the LoRA math).
 """
 
 # The engine first: tensor.py closes the one import cycle (Tensor <-> ops) itself.

@@ -26,21 +26,22 @@ import numpy as np
 from .cache import KVCache
 from .config import ModelConfig
 from .errors import TinyloraError
+from .formats.safetensors import check_tensors, is_float
 from .kernels.bf16 import bf16_to_f32
 from .kernels.weights import BF16Weight, FrozenWeight, frozen_weight
 from .nn import Embedding, Linear, Module, RMSNorm
-from .ops.attention import attention
-from .ops.cross_entropy import linear_cross_entropy
+from .ops.reference import FUSED, OpSet
 from .ops.rope import rope, rope_inv_freq, rope_tables
-from .ops.swiglu import swiglu
 from .tensor import Tensor, is_grad_enabled
 
 
 class Attention(Module):
     """x (B, T, C) -> (B, T, C): causal grouped-query self-attention with RoPE."""
 
-    def __init__(self, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, config: ModelConfig):
+    def __init__(self, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, config: ModelConfig,
+                 ops: OpSet = FUSED):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.ops = ops                                       # FUSED, or REFERENCE (ops/reference.py)
         self.num_heads = config.num_attention_heads          # H
         self.num_kv_heads = config.num_key_value_heads       # K
         self.head_dim = config.head_dim                      # D
@@ -57,18 +58,19 @@ class Attention(Module):
         if cache is not None:                                # decoding: attend to the cached past too
             k_all, v_all = cache.update(layer_idx, k.data, v.data)
             k, v = Tensor(k_all), Tensor(v_all)              # (B, S, K, D), S = cached + T
-        out = attention(q, k, v, key_mask)                   # (B, T, H, D)
+        out = self.ops.attention(q, k, v, key_mask)          # (B, T, H, D)
         return self.o_proj(out.reshape(B, T, H * D))         # (B, T, C)
 
 
 class MLP(Module):
     """x (B, T, C) -> down_proj(silu(gate_proj(x)) * up_proj(x)) (B, T, C)"""
 
-    def __init__(self, gate_proj: Linear, up_proj: Linear, down_proj: Linear):
+    def __init__(self, gate_proj: Linear, up_proj: Linear, down_proj: Linear, ops: OpSet = FUSED):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.ops = ops
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))   # (B, T, F) in the middle
+        return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))   # (B, T, F) in the middle
 
 
 class DecoderLayer(Module):
@@ -99,8 +101,9 @@ class DecoderModel(Module):
 class CausalLM(Module):
     """A decoder-only language model: ids (B, T) -> next-token logits (B, T, V)."""
 
-    def __init__(self, config: ModelConfig, model: DecoderModel, lm_head: Linear):
+    def __init__(self, config: ModelConfig, model: DecoderModel, lm_head: Linear, ops: OpSet = FUSED):
         self.config = config
+        self.ops = ops                  # the op set every layer was built with; LoRA layers use it too
         self.model = model
         self.lm_head = lm_head          # shares embed_tokens' weight tensor when embeddings are tied
         inv_freq = rope_inv_freq(config.head_dim, config.rope_theta)
@@ -158,12 +161,12 @@ class CausalLM(Module):
         if labels.shape != np.shape(input_ids):
             raise TinyloraError(f"labels have shape {labels.shape}, input_ids {np.shape(input_ids)}")
         h = self.hidden_states(input_ids, attention_mask)                       # (B, T, C)
-        return linear_cross_entropy(h[:, :-1], self.lm_head.weight, labels[:, 1:])   # () via (B, T-1, V) logits
+        return self.ops.linear_cross_entropy(h[:, :-1], self.lm_head.weight, labels[:, 1:])   # () via (B, T-1, V) logits
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_state_dict(cls, config: ModelConfig, tensors: dict[str, np.ndarray | FrozenWeight],
-                        dtype=np.float32, source: str = "checkpoint") -> "CausalLM":
+                        dtype=np.float32, source: str = "checkpoint", ops: OpSet = FUSED) -> "CausalLM":
         """Build the model around a checkpoint's tensors (Hugging Face names), all frozen.
 
         Each matrix becomes a frozen weight that keeps its storage
@@ -171,6 +174,8 @@ class CausalLM(Module):
         float32 compute, a float array becomes a float32 (or `dtype`) weight, a
         FrozenWeight is taken as it is. Vectors (norms, biases) are tiny: they
         become plain `dtype` arrays, so every op sees plain floats there.
+        ops: FUSED (the default), or REFERENCE to build the same model from the
+        plain versions of the fused ops (ops/reference.py), for testing.
         """
         expected = expected_shapes(config)
         tensors = dict(tensors)
@@ -179,25 +184,15 @@ class CausalLM(Module):
         for name in list(tensors):
             if name.endswith("rotary_emb.inv_freq"):     # a cache of rope_inv_freq, not a weight
                 del tensors[name]
-        missing = [n for n in expected if n not in tensors]
-        unexpected = [n for n in tensors if n not in expected]
-        if missing:
-            raise TinyloraError(f"{source}: missing tensor {missing[0]}" +
-                                (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        if unexpected:
-            raise TinyloraError(f"{source}: unexpected tensor {unexpected[0]} for a {config.architecture} model" +
-                                (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-        for name, shape in expected.items():
-            if tuple(tensors[name].shape) != shape:
-                raise TinyloraError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                                    f"expected {shape}")
-            t = tensors[name]
-            if not isinstance(t, FrozenWeight) and t.dtype.kind != "f" and t.dtype.name != "bfloat16":
+        check_tensors(source, tensors, expected,
+                      why_unexpected=lambda name: f"not a tensor of a {config.architecture} model")
+        for name, t in tensors.items():
+            if not isinstance(t, FrozenWeight) and not is_float(t.dtype):
                 raise TinyloraError(f"{source}: tensor {name} has dtype {t.dtype}, expected a floating-point type")
-        return cls._build(config, tensors, np.dtype(dtype))
+        return cls._build(config, tensors, np.dtype(dtype), ops)
 
     @classmethod
-    def _build(cls, config: ModelConfig, tensors: dict, dtype: np.dtype) -> "CausalLM":
+    def _build(cls, config: ModelConfig, tensors: dict, dtype: np.dtype, ops: OpSet) -> "CausalLM":
         def frozen(name: str) -> Tensor:
             a = tensors[name]
             if isinstance(a, FrozenWeight) or a.ndim == 2:
@@ -216,15 +211,15 @@ class CausalLM(Module):
         for i in range(config.num_hidden_layers):
             a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
             attn = Attention(proj(f"{a}.q_proj", config.qkv_bias), proj(f"{a}.k_proj", config.qkv_bias),
-                             proj(f"{a}.v_proj", config.qkv_bias), proj(f"{a}.o_proj", config.o_bias), config)
+                             proj(f"{a}.v_proj", config.qkv_bias), proj(f"{a}.o_proj", config.o_bias), config, ops)
             mlp = MLP(proj(f"{m}.gate_proj", config.mlp_bias), proj(f"{m}.up_proj", config.mlp_bias),
-                      proj(f"{m}.down_proj", config.mlp_bias))
+                      proj(f"{m}.down_proj", config.mlp_bias), ops)
             layers.append(DecoderLayer(attn, mlp, norm(f"model.layers.{i}.input_layernorm.weight"),
                                        norm(f"model.layers.{i}.post_attention_layernorm.weight")))
         embed = Embedding(frozen("model.embed_tokens.weight"))
         decoder = DecoderModel(embed, layers, norm("model.norm.weight"))
         lm_head = Linear(embed.weight) if config.tie_word_embeddings else Linear(frozen("lm_head.weight"))
-        return cls(config, decoder, lm_head)
+        return cls(config, decoder, lm_head, ops)
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

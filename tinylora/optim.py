@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import TinyloraError
 from .formats.files import read_json, write_json
-from .formats.safetensors import read_metadata, read_safetensors, write_safetensors
+from .formats.safetensors import check_tensors, read_metadata, read_safetensors, write_safetensors
 from .tensor import Tensor
 
 Params = list[tuple[str, Tensor]]
@@ -159,16 +159,15 @@ class AdamW:
         except KeyError as e:
             raise TinyloraError(f"{source}: missing {e.args[0]!r}") from None
         names = [name for name, _ in self.params]
-        _same_names(source, "step count of", set(steps) if isinstance(steps, dict) else set(), set(names))
-        _same_names(source, "tensor", set(tensors), {f"{n}.{k}" for n in names for k in ("exp_avg", "exp_avg_sq")})
+        check_tensors(source, steps if isinstance(steps, dict) else {}, dict.fromkeys(names),
+                      what="step count for", why_unexpected=_not_trained)
+        check_tensors(source, tensors, {f"{n}.{k}": p.data.shape for n, p in self.params
+                                        for k in ("exp_avg", "exp_avg_sq")}, why_unexpected=_not_trained)
         exp_avg, exp_avg_sq = {}, {}
         for name, p in self.params:
             if type(steps[name]) is not int or steps[name] < 0:
                 raise TinyloraError(f"{source}: step count of {name!r} is {steps[name]!r}, not an integer >= 0")
             for key, into in ((f"{name}.exp_avg", exp_avg), (f"{name}.exp_avg_sq", exp_avg_sq)):
-                if tensors[key].shape != p.data.shape:
-                    raise TinyloraError(f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
-                                        f"the parameter {tuple(p.data.shape)}")
                 into[name] = np.array(tensors[key], dtype=p.data.dtype)      # a copy we own
         try:
             self._set_hyper(lr, betas, eps, wd)
@@ -199,11 +198,8 @@ class AdamW:
         self.load_state_dict(tensors, scalars, source=str(tensors_path))
 
 
-def _same_names(source: str, what: str, found: set[str], expected: set[str]) -> None:
-    if missing := sorted(expected - found):
-        raise TinyloraError(f"{source}: {what} {missing[0]!r} is missing")
-    if extra := sorted(found - expected):
-        raise TinyloraError(f"{source}: unexpected {what} {extra[0]!r} (not a parameter being trained)")
+def _not_trained(name: str) -> str:
+    return "not a parameter being trained"
 
 
 def _is_number(x) -> bool:

@@ -22,8 +22,12 @@ What this module adds to the library:
   names must stay inside the folder (files.inside);
 * writing goes through the one atomic-write helper (files.atomic_path).
 
-What is not here: lazy loading (every tensor is read into its own array), the
-model's checks of names and shapes against its config (model.py).
+`check_tensors` is the one check of a set of tensors against the names and
+shapes expected of it, used for checkpoints (model.py), adapters (lora/peft.py)
+and optimizer state (optim.py).
+
+What is not here: lazy loading (every tensor is read into its own array); what
+each caller expects (model.expected_shapes, the adapter config's shapes).
 """
 
 from __future__ import annotations
@@ -159,3 +163,27 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
             save_file(arrays, tmp, metadata=metadata or None)
         except _LIBRARY_ERRORS as e:
             raise TinyloraError(f"{path}: cannot write ({_one_line(e)})") from None
+
+
+def check_tensors(source, found: dict, expected: dict, what: str = "tensor",
+                  why_unexpected: Callable[[str], str] | None = None, missing_hint: str = "") -> None:
+    """The one check of names and shapes: every expected name present with its shape, nothing else.
+
+    found: name -> anything with a .shape (or None when only names count);
+    expected: name -> shape tuple (or None). The first offender is named in
+    one line, as "<source>: missing tensor X (expected shape S)", "<source>:
+    unexpected tensor X: <why>" or "<source>: tensor X has shape S, expected S'".
+    """
+    def more(names: list) -> str:
+        return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+    if missing := [n for n in expected if n not in found]:
+        shape = f" (expected shape {expected[missing[0]]})" if expected[missing[0]] is not None else ""
+        raise TinyloraError(f"{source}: missing {what} {missing[0]}{shape}{more(missing)}{missing_hint}")
+    if unexpected := [n for n in found if n not in expected]:
+        why = f": {why_unexpected(unexpected[0])}" if why_unexpected else ""
+        raise TinyloraError(f"{source}: unexpected {what} {unexpected[0]}{why}{more(unexpected)}")
+    for name, shape in expected.items():
+        if shape is not None and tuple(found[name].shape) != tuple(shape):
+            raise TinyloraError(f"{source}: {what} {name} has shape {tuple(found[name].shape)}, "
+                                f"expected {tuple(shape)}")

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TinyloraError
-from ..kernels.bf16 import f32_to_bf16
-from ..kernels.weights import as_weight
 from ..formats.files import atomic_folder, read_json, write_json
 from ..formats.hub import TOKENIZER_AND_GENERATION_FILES
 from ..formats.safetensors import BFLOAT16, SINGLE_FILE, write_safetensors
+from ..kernels.bf16 import f32_to_bf16
+from ..kernels.weights import as_weight
 from ..loading import load_model
 from .inject import lora_layers, merge
 from .peft import load_adapter

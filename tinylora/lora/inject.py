@@ -24,7 +24,7 @@ from ..errors import TinyloraError
 from ..kernels.weights import DenseWeight, as_weight
 from ..nn import Linear, Module
 from ..ops.dropout import dropout_mask
-from ..ops.lora import LoraLinearFn
+from ..ops.reference import FUSED, OpSet
 from ..tensor import Tensor
 from .config import PEFT_PREFIX, TARGETS, LoraConfig
 
@@ -36,7 +36,7 @@ class LoraLinear(Module):
     """
 
     def __init__(self, base_layer: Linear, lora_a: np.ndarray, lora_b: np.ndarray, scale: float,
-                 dropout: float = 0.0, rng: np.random.Generator | None = None):
+                 dropout: float = 0.0, rng: np.random.Generator | None = None, ops: OpSet = FUSED):
         self.base_layer = base_layer
         self.lora_A = Linear(Tensor(lora_a, requires_grad=True))        # weight (R, in)
         self.lora_B = Linear(Tensor(lora_b, requires_grad=True))        # weight (out, R)
@@ -45,6 +45,7 @@ class LoraLinear(Module):
         if dropout > 0.0 and rng is None:
             raise ValueError("LoraLinear with dropout > 0 needs an np.random.Generator for its masks")
         self.rng = rng                                                  # draws the dropout masks
+        self.ops = ops                                                  # the model's op set (ops/reference.py)
 
     @property
     def r(self) -> int:
@@ -54,10 +55,8 @@ class LoraLinear(Module):
         keep = None
         if self.dropout > 0.0 and self.training:
             keep = dropout_mask(x.shape, self.dropout, self.rng, x.dtype)      # 0 or 1/(1-p), inverted dropout
-        inputs = [x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight]
-        if self.base_layer.bias is not None:
-            inputs.append(self.base_layer.bias)
-        return LoraLinearFn.apply(*inputs, scale=self.scale, keep=keep)
+        return self.ops.lora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight,
+                                    self.base_layer.bias, scale=self.scale, keep=keep)
 
     def delta_weight(self) -> np.ndarray:
         """ΔW = scale · B A (out, in), in A's dtype."""
@@ -83,6 +82,7 @@ def apply_lora(model: Module, config: LoraConfig, seed: int = 0) -> Module:
     rng = np.random.default_rng(init_seq)
     std = config.init_std if config.init_std is not None else 1.0 / config.r
     dtype = model.dtype
+    ops = getattr(model, "ops", FUSED)                  # a LoRA layer computes with its model's op set
     for i in layers:
         layer = model.model.layers[i]
         for name in config.targets:
@@ -91,7 +91,7 @@ def apply_lora(model: Module, config: LoraConfig, seed: int = 0) -> Module:
             a = (std * rng.standard_normal((config.r, base.in_features))).astype(dtype)   # (R, in)
             b = np.zeros((base.out_features, config.r), dtype=dtype)                      # (out, R)
             dropout_rng = np.random.default_rng(dropout_seq.spawn(1)[0]) if config.dropout > 0 else None
-            setattr(parent, name, LoraLinear(base, a, b, config.scale, config.dropout, dropout_rng))
+            setattr(parent, name, LoraLinear(base, a, b, config.scale, config.dropout, dropout_rng, ops))
     model.lora_config = config
     return model
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import TinyloraError
 from ..formats.files import atomic_write, read_json
-from ..formats.safetensors import is_float, read_safetensors, write_safetensors
+from ..formats.safetensors import check_tensors, is_float, read_safetensors, write_safetensors
 from .config import PEFT_PREFIX, TARGETS, LoraConfig
 from .inject import apply_lora, lora_layers, lora_parameters
 
@@ -264,23 +264,17 @@ def expected_shapes(model, config: LoraConfig) -> dict[str, tuple[int, int]]:
 
 def _check_tensors(path: Path, tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, int]],
                    n_layers: int) -> dict[str, np.ndarray]:
-    """Every expected tensor present, with its shape and a float dtype, and nothing else; keys normalised."""
+    """Keys normalised (PEFT may write the adapter name); names and shapes checked; float and finite."""
     found: dict[str, np.ndarray] = {}
     for key, array in tensors.items():
         plain = key.replace(f".lora_A.{PEFT_ADAPTER_NAME}.", ".lora_A.").replace(f".lora_B.{PEFT_ADAPTER_NAME}.",
                                                                                  ".lora_B.")
-        if plain not in expected:
-            raise TinyloraError(f"{path}: unexpected tensor {key}: {_why_unexpected(plain, n_layers)}")
         if plain in found:
             raise TinyloraError(f"{path}: tensor {plain} appears twice (with and without '.{PEFT_ADAPTER_NAME}')")
         found[plain] = array
-    for key, shape in expected.items():
-        if key not in found:
-            raise TinyloraError(f"{path}: missing tensor {key} (expected shape {shape}), which "
-                                f"{CONFIG_FILE} implies")
-        array = found[key]
-        if tuple(array.shape) != shape:
-            raise TinyloraError(f"{path}: {key} has shape {tuple(array.shape)}, expected {shape}")
+    check_tensors(path, found, expected, why_unexpected=lambda key: _why_unexpected(key, n_layers),
+                  missing_hint=f", which {CONFIG_FILE} implies")
+    for key, array in found.items():
         if not is_float(array.dtype):
             raise TinyloraError(f"{path}: {key} has dtype {array.dtype}, expected a floating-point type")
         if not np.isfinite(array).all():

@@ -22,6 +22,8 @@ through it; a padded key is seen by no query, so its dk and dv are exactly 0.
 A query with no visible key at all (a left-padded position) outputs 0 and
 gets 0 gradient. The kernels, and why they keep only a log-sum-exp per
 query instead of the (T, S) matrix p, are in `tinylora/kernels/attention.py`.
+The same attention written as softmax(q kᵀ / √D + mask) v from primitives,
+with no hand-written backward, is `attention` in ops/reference.py.
 
 Not here: the projections, RoPE and the cache itself (the model and cache.py);
 dropout on the attention weights (Qwen2 and Llama train without it); sliding

@@ -41,7 +41,7 @@ class MatMulFn(Function):
             raise TypeError("MatMulFn: a frozen weight goes through LinearFn (x Wᵀ), not a @ b")
         if a.ndim < 2 or b.ndim < 2:
             raise ValueError(f"MatMul needs arrays of at least 2 axes, got shapes {a.shape} and {b.shape}; "
-                             "reshape a vector to (1, K) or (K, 1)")
+                             "reshape a vector to (1, I) or (I, 1)")
         self.save_for_backward(a, b)
         return np.matmul(a, b)                                # dense float products: BLAS
 

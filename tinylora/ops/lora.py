@@ -68,3 +68,9 @@ class LoraLinearFn(Function):
         if len(self.needs_input_grad) > 4 and self.needs_input_grad[4]:
             dbias = dy2.sum(axis=0)
         return (dx, None, da, db, dbias)[:len(self.needs_input_grad)]   # no dbias slot without a bias
+
+
+def lora_linear(x, w, lora_a, lora_b, bias=None, *, scale: float, keep=None):
+    """x (..., in), W (out, in), A (R, in), B (out, R), [bias (out,)] -> (..., out); keep: the dropout mask or None"""
+    inputs = (x, w, lora_a, lora_b) if bias is None else (x, w, lora_a, lora_b, bias)
+    return LoraLinearFn.apply(*inputs, scale=scale, keep=keep)

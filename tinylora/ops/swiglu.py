@@ -6,7 +6,8 @@ The MLP is  down_proj( silu(gate_proj(x)) * up_proj(x) ); this op is the middle:
     backward:  du = dy * silu(g)
                dg = dy * u * s * (1 + g * (1 - s)),    s = sigmoid(g)
 
-The loops are in `tinylora/kernels/swiglu.py`.
+The loops are in `tinylora/kernels/swiglu.py`; the plain silu(g) · u, with no
+hand-written backward, is `swiglu` in ops/reference.py.
 """
 
 import numpy as np
