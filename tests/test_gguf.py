@@ -17,6 +17,7 @@ import json
 import numpy as np
 import pytest
 
+import tinylora as tl
 from tinylora.errors import TinyloraError
 from tinylora.formats import gguf as G
 from tinylora.formats.gguf_tokenizer import bytes_to_unicode
@@ -353,3 +354,22 @@ def test_tokenizer_ids_equal_transformers_gguf_tokenizer(tmp_path, pre):
         texts += ["It's 12 o'clock, 1 2 3 or 123.", "def f():\n    return (1, 2)\n"]
     for text in texts:
         assert tok.encode(text).ids == reference(text)["input_ids"], text
+
+
+# -- loading a GGUF file directly, its blocks kept -------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_loads_directly_with_its_blocks(tmp_path, arch):
+    from tinylora.kernels.weights import GGMLWeight
+    write_gguf(tmp_path / "tiny.gguf", arch=arch, tied=False)
+    imported = G.import_gguf(tmp_path / "tiny.gguf", tmp_path / "out")          # dequantised to float32
+    ids = np.array([[1, 5, 9, 3, 7], [2, 4, 6, 8, 1]])
+    for dtype, tol in (("float64", 1e-12), ("float32", 1e-5)):       # float64: the blocks widened once
+        direct, dense = tl.load_model(tmp_path / "tiny.gguf", dtype=dtype), tl.load_model(imported, dtype=dtype)
+        with tl.no_grad():
+            got, expected = direct(ids).data, dense(ids).data
+        assert got.dtype == np.dtype(dtype) and np.abs(got - expected).max() <= tol, (dtype, np.abs(got - expected).max())
+    blocks = {n: p.data for n, p in direct.named_parameters() if isinstance(p.data, GGMLWeight)}   # float32
+    assert len(blocks) == sum(is_quantised(n) for n, _ in dense.named_parameters()) > 0
+    assert all(w.storage == "q8_0" for w in blocks.values())
+    assert all(w.nbytes == w.size // 32 * 34 for w in blocks.values())         # 34 bytes per 32 weights, as stored

@@ -1,10 +1,12 @@
-"""`tinylora.load`: a model folder or hub repo id -> (CausalLM, Tokenizer).
+"""`tinylora.load`: a model folder, hub repo id or GGUF file -> (CausalLM, Tokenizer).
 
     name_or_path ──formats.hub──> local folder (weights/<name> for a hub id)
        config.json ──> ModelConfig        *.safetensors ──> tensors ──> CausalLM (all frozen)
        tokenizer.json + tokenizer_config.json ──> Tokenizer
+    file.gguf ──formats.gguf──> the same config, tensors (block-quantised matrices kept as
+       their blocks) and tokenizer, built in memory
 
-Only config, tokenizer and safetensors files are ever read: no pickle, no
+Only config, tokenizer, safetensors and GGUF files are ever read: no pickle, no
 remote code.
 """
 
@@ -16,9 +18,10 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import TinyloraError
+from .formats.gguf import read_gguf
 from .formats.hub import resolve_model
 from .formats.safetensors import BFLOAT16, load_checkpoint
-from .kernels.weights import BF16Weight
+from .kernels.weights import BF16Weight, FrozenWeight
 from .model import CausalLM
 from .tokenizer import Tokenizer
 
@@ -51,6 +54,8 @@ def load_model(name_or_path: str | Path, dtype: str = "float32", weights_dir: st
     """
     if dtype not in DTYPES:
         raise TinyloraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if _is_gguf(name_or_path):
+        return _load_gguf(Path(name_or_path), dtype)[0]
     folder = resolve_model(name_or_path, weights_dir)
     config = ModelConfig.from_json(folder / "config.json")
     tensors = load_checkpoint(folder, convert=as_read(dtype))
@@ -60,8 +65,27 @@ def load_model(name_or_path: str | Path, dtype: str = "float32", weights_dir: st
     return model
 
 
+def _is_gguf(name_or_path) -> bool:
+    return Path(name_or_path).suffix == ".gguf" and Path(name_or_path).is_file()
+
+
+def _load_gguf(path: Path, dtype: str) -> tuple[CausalLM, Tokenizer]:
+    """A GGUF file, straight: its block-quantised matrices stay blocks (GGMLWeight), the rest is float;
+    the tokenizer is built from its metadata, as `import-gguf` would write it."""
+    config, tensors, backend, tokenizer_config = read_gguf(path, keep_blocks=True)
+    convert = as_read(dtype)
+    tensors = {name: t if isinstance(t, FrozenWeight) else convert(name, t) for name, t in tensors.items()}
+    model = CausalLM.from_state_dict(ModelConfig.from_dict(config), tensors, dtype=DTYPES[dtype], source=str(path))
+    model.name_or_path, model.folder = str(path), None     # no folder of tokenizer files to copy from
+    templates = {"default": tokenizer_config["chat_template"]} if tokenizer_config.get("chat_template") else {}
+    eos = [config["eos_token_id"]] if "eos_token_id" in config else []
+    return model, Tokenizer.from_parts(backend, tokenizer_config, templates, eos, str(path))
+
+
 def load(name_or_path: str | Path, dtype: str = "float32", weights_dir: str | Path = "weights"):
-    """-> (model, tokenizer) from a local Hugging Face-format folder or a hub repo id."""
+    """-> (model, tokenizer) from a local Hugging Face-format folder, a hub repo id or a .gguf file."""
+    if _is_gguf(name_or_path):
+        return _load_gguf(Path(name_or_path), dtype)
     folder = resolve_model(name_or_path, weights_dir)
     tokenizer = Tokenizer.from_folder(folder)          # checked first: a missing tokenizer fails fast
     return load_model(name_or_path, dtype, weights_dir), tokenizer   # resolves to the same folder again

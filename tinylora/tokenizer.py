@@ -222,6 +222,17 @@ class Tokenizer:
 
         config_file = folder / "tokenizer_config.json"
         config = read_json(config_file) if config_file.is_file() else {}
+        extra_eos = []
+        for name in ("generation_config.json", "config.json"):
+            if (folder / name).is_file():
+                extra_eos += _as_id_list(read_json(folder / name).get("eos_token_id"))
+        return cls.from_parts(backend, config, cls._read_chat_templates(folder, config), extra_eos, str(folder))
+
+    @classmethod
+    def from_parts(cls, backend: tokenizers.Tokenizer, config: dict, templates: dict[str, str],
+                   extra_eos: list[int], source: str) -> Tokenizer:
+        """What a folder's files hold, already read: the backend, tokenizer_config.json's dict, the chat
+        templates by name and the eos ids of the model's configs (a GGUF file builds them in memory)."""
         # Every *_token entry is a template variable, as in transformers' special_tokens_map
         # (which also picks up model-specific ones such as `image_token`).
         special_tokens = {key: _token_text(value) for key, value in config.items() if key.endswith("_token")}
@@ -231,13 +242,7 @@ class Tokenizer:
         if config.get("split_special_tokens"):   # encode "<|im_end|>" in text as plain characters
             backend.encode_special_tokens = True
 
-        templates = cls._read_chat_templates(folder, config)
-
-        extra_eos = []
-        for name in ("generation_config.json", "config.json"):
-            if (folder / name).is_file():
-                extra_eos += _as_id_list(read_json(folder / name).get("eos_token_id"))
-        return cls(backend, special_tokens, templates, extra_eos, source=str(folder))
+        return cls(backend, special_tokens, templates, extra_eos, source=source)
 
     @staticmethod
     def _read_chat_templates(folder: Path, config: dict) -> dict[str, str]:

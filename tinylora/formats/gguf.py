@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TinyloraError
+from ..kernels import ggml
+from ..kernels.weights import GGMLWeight
 from .files import atomic_folder, write_json, write_text
 from .gguf_tokenizer import build_tokenizer
 from .safetensors import write_safetensors
@@ -187,30 +189,39 @@ def build_config(meta: Metadata, arch: str, tensor_names: set[str], vocab_size: 
 # Tensors
 # --------------------------------------------------------------------------
 
-def convert_tensors(reader, path: Path, arch: str, config: dict) -> dict[str, np.ndarray]:
-    """Every tensor, dequantised to float32, under its HF name and in HF row order."""
+def convert_tensors(reader, path: Path, arch: str, config: dict, keep_blocks: bool = False) -> dict:
+    """Every tensor under its HF name and in HF row order: dequantised to float32, or with
+    keep_blocks, a matrix of one of kernels/ggml.py's block types kept as its blocks (a GGMLWeight).
+
+    The Llama q/k row permutation moves whole rows, and a row of blocks is a row of weights,
+    so it is undone on the blocks just as on the floats.
+    """
     from gguf.quants import dequantize
 
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict = {}
     for t in reader.tensors:
         name = hf_name(t.name, arch)
         if name is None:
             raise TinyloraError(f"{path}: tensor {t.name!r} has no counterpart in a Hugging Face "
                                 f"{ARCHITECTURES[arch][0]} (unsupported feature)")
+        shape = tuple(int(d) for d in reversed(t.shape))        # ggml's ne, reversed: (out, in)
+        n_head = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
+        permuted = arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight"))
+        if keep_blocks and t.tensor_type.name in ggml.BLOCK_BYTES and len(shape) == 2:
+            blocks = np.asarray(t.data).reshape(shape[0], -1)   # (out, row bytes), still memory-mapped
+            blocks = unpermute(blocks, n_head) if permuted else blocks
+            tensors[name] = GGMLWeight(np.array(blocks), t.tensor_type.name, shape)   # a copy we own
+            continue
         try:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise TinyloraError(f"{path}: tensor {t.name!r}: the gguf package cannot dequantise "
                                 f"type {t.tensor_type.name}") from None
-        shape = tuple(int(d) for d in reversed(t.shape))        # ggml's ne, reversed: (out, in)
         if w.shape != shape:
             raise TinyloraError(f"{path}: tensor {t.name!r}: dequantised to shape {w.shape}, "
                                 f"but its dimensions (ne) {list(t.shape)} say {shape}")
         w = np.asarray(w, dtype=np.float32)
-        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            n_head = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
-            w = unpermute(w, n_head)
-        tensors[name] = w
+        tensors[name] = unpermute(w, n_head) if permuted else w
     return tensors
 
 
@@ -228,25 +239,8 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, overwr
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         # (atomic_folder checks this too; checking first saves the dequantising)
         raise TinyloraError(f"{out_dir}: already exists and is not empty; choose a new folder or remove it")
-    reader = open_gguf(gguf_path)
-    meta = Metadata(reader, gguf_path)
-    arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise TinyloraError(f"{gguf_path}: general.architecture = {arch!r} is not supported "
-                            f"(supported: {', '.join(ARCHITECTURES)})")
-
-    # Cheap checks first: the tokenizer and config fail fast on an unsupported file.
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embed is None:
-        raise TinyloraError(f"{gguf_path}: no token_embd.weight tensor")
-    tokenizer, tokenizer_config = build_tokenizer(meta)
-    config = build_config(meta, arch, {t.name for t in reader.tensors}, vocab_size=int(embed.shape[-1]))
-    if tokenizer.get_vocab_size() > config["vocab_size"]:
-        raise TinyloraError(f"{gguf_path}: {tokenizer.get_vocab_size()} tokens, but token_embd.weight has "
-                            f"only {config['vocab_size']} rows")
-    tokenizer_config["model_max_length"] = config["max_position_embeddings"]
+    config, tensors, tokenizer, tokenizer_config = read_gguf(gguf_path)
     generation_config = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
-    tensors = convert_tensors(reader, gguf_path, arch, config)
 
     # config.json goes last: even inside the staging folder, it marks a complete model.
     with atomic_folder(out_dir, overwrite=overwrite) as staging:
@@ -258,3 +252,28 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, overwr
         write_json(staging / "generation_config.json", generation_config)
         write_json(staging / "config.json", config)
     return out_dir
+
+
+def read_gguf(gguf_path: Path, keep_blocks: bool = False):
+    """A Llama/Qwen2 GGUF file -> (config dict, tensors, tokenizers.Tokenizer, tokenizer_config dict).
+
+    The tensors are float32 arrays, or with keep_blocks the block-quantised matrices stay
+    GGMLWeights (convert_tensors). The tokenizer and config are checked first: they fail fast.
+    """
+    reader = open_gguf(gguf_path)
+    meta = Metadata(reader, gguf_path)
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise TinyloraError(f"{gguf_path}: general.architecture = {arch!r} is not supported "
+                            f"(supported: {', '.join(ARCHITECTURES)})")
+
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise TinyloraError(f"{gguf_path}: no token_embd.weight tensor")
+    tokenizer, tokenizer_config = build_tokenizer(meta)
+    config = build_config(meta, arch, {t.name for t in reader.tensors}, vocab_size=int(embed.shape[-1]))
+    if tokenizer.get_vocab_size() > config["vocab_size"]:
+        raise TinyloraError(f"{gguf_path}: {tokenizer.get_vocab_size()} tokens, but token_embd.weight has "
+                            f"only {config['vocab_size']} rows")
+    tokenizer_config["model_max_length"] = config["max_position_embeddings"]
+    return config, convert_tensors(reader, gguf_path, arch, config, keep_blocks), tokenizer, tokenizer_config

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import ggml
 from .bf16 import bf16_to_f32, f32_to_bf16, gemv_bf16, widen_rows
 
 # A fused GEMV's cost grows with N (one dot product per row of x and row of W), the tiled
@@ -176,6 +177,42 @@ class BF16Weight(FrozenWeight):
         return self.bits
 
 
+class GGMLWeight(FrozenWeight):
+    """A matrix in one of llama.cpp's block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), its blocks as stored.
+
+    blocks: (O, I / 32 · block bytes) uint8, one row of blocks per output row (kernels/ggml.py).
+    """
+
+    def __init__(self, blocks: np.ndarray, qtype: str, shape: tuple[int, int]):
+        O, I = shape
+        if qtype not in ggml.BLOCK_BYTES:
+            raise TypeError(f"GGMLWeight: unknown block type {qtype!r} (known: {', '.join(ggml.BLOCK_BYTES)})")
+        if I % ggml.BLOCK or blocks.dtype != np.uint8 or blocks.shape != (O, I // ggml.BLOCK * ggml.BLOCK_BYTES[qtype]):
+            raise TypeError(f"GGMLWeight: {qtype} blocks for ({O}, {I}) must be ({O}, "
+                            f"{I // ggml.BLOCK * ggml.BLOCK_BYTES[qtype]}) uint8, got {blocks.dtype} {blocks.shape}")
+        self.blocks = np.ascontiguousarray(blocks)
+        self.qtype = qtype
+        self.storage = qtype.lower()
+        self.shape = (O, I)
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes
+
+    def _widen(self, rows: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        if out is None:
+            out = np.empty((rows.size, self.shape[1]), dtype=np.float32)
+        ggml.WIDEN[self.qtype](self.blocks, rows, out, ggml.HALF)
+        return out[:rows.size]
+
+    def rows(self, start, stop, out=None):
+        return self._widen(np.arange(start, stop, dtype=np.int64), out)
+
+    def gather(self, ids):
+        flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+        return self._widen(flat, None).reshape(ids.shape + (self.shape[1],))
+
+
 def as_weight(w) -> FrozenWeight:
     """A FrozenWeight as it is; a plain float array (trainable, or a test's) as a DenseWeight view of it."""
     return w if isinstance(w, FrozenWeight) else DenseWeight(w)
@@ -184,11 +221,14 @@ def as_weight(w) -> FrozenWeight:
 def frozen_weight(a: np.ndarray, dtype=np.float32) -> FrozenWeight:
     """A checkpoint's matrix -> the weight that holds it as stored, for compute in `dtype`.
 
-    bfloat16 stays bfloat16 under float32 compute (the products widen it as they go); anything
-    else becomes a DenseWeight of `dtype`. Rounding float32 to bf16 is BF16Weight.from_array.
+    bfloat16 stays bfloat16 under float32 compute (the products widen it as they go), and so does
+    any FrozenWeight; anything else, and any storage under float64 compute, becomes a DenseWeight
+    of `dtype`. Rounding float32 to bf16 is BF16Weight.from_array.
     """
     if isinstance(a, FrozenWeight):
-        return a
+        if np.dtype(dtype) == np.float32 or a.dtype == np.dtype(dtype):
+            return a
+        return DenseWeight(a.to_float().astype(dtype))      # float64 compute: the stored values, widened
     if a.dtype.name == "bfloat16":
         if np.dtype(dtype) == np.float32:
             return BF16Weight.from_array(a)

@@ -1,0 +1,116 @@
+"""llama.cpp's block formats as frozen weights: widening bit-identical to the `gguf` package, products through them."""
+
+import gguf.quants as gguf_quants
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from helpers import assert_close, assert_gradcheck, tol_for
+
+from tinylora import Tensor, gradcheck
+from tinylora.kernels import ggml
+from tinylora.kernels import weights as W
+from tinylora.ops.linear import LinearFn
+
+TYPES = list(ggml.BLOCK_BYTES)
+# float16 bit patterns a scale may hold: zeros, subnormals, the largest finite, infinities, NaNs with payloads
+SPECIAL_HALVES = [0x0000, 0x8000, 0x0001, 0x03FF, 0x8200, 0x7BFF, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFFFF]
+
+
+def random_blocks(qtype: str, O: int, I: int, seed: int = 0) -> np.ndarray:
+    """(O, row bytes) uint8: any bytes are a valid block; scales (and offsets) set to every special value."""
+    rng = np.random.default_rng(seed)
+    size = ggml.BLOCK_BYTES[qtype]
+    blocks = rng.integers(0, 256, size=(O, I // ggml.BLOCK, size), dtype=np.uint8)
+    # ordinary scales first (random bytes would give huge or NaN halves half the time) ...
+    blocks[..., 0:2] = (rng.standard_normal(blocks.shape[:2]) * 0.02).astype(np.float16)[..., None].view(np.uint8)
+    if qtype in ("Q4_1", "Q5_1"):
+        blocks[..., 2:4] = (rng.standard_normal(blocks.shape[:2]) * 0.05).astype(np.float16)[..., None].view(np.uint8)
+    # ... then the special ones, on the first blocks of the first row: d, and m where the type has one
+    flat = blocks.reshape(-1, size)
+    for i, bits in enumerate(SPECIAL_HALVES):
+        flat[i, 0:2] = np.array([bits], dtype=np.uint16).view(np.uint8)
+        if qtype in ("Q4_1", "Q5_1"):
+            flat[len(flat) - 1 - i, 2:4] = np.array([bits], dtype=np.uint16).view(np.uint8)
+    return blocks.reshape(O, -1)
+
+
+def reference(blocks: np.ndarray, qtype: str) -> np.ndarray:
+    """The `gguf` package's own NumPy dequantisation (inf · 0 = NaN is what it should give: no warning)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return gguf_quants.dequantize(blocks, GGMLQuantizationType[qtype])
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_widening_is_bit_identical_to_gguf(qtype):
+    blocks = random_blocks(qtype, O=6, I=128)
+    w = W.GGMLWeight(blocks, qtype, (6, 128))
+    ours, theirs = w.to_float(), reference(blocks, qtype)
+    assert ours.dtype == theirs.dtype == np.float32 and ours.shape == theirs.shape
+    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))        # NaN payloads and signed zeros too
+    assert np.isnan(ours).any() and np.isinf(ours).any()                       # the special scales did reach it
+    ids = np.array([[5, 0], [2, 5]])
+    assert np.array_equal(w.gather(ids).view(np.uint32), theirs[ids].view(np.uint32))
+    assert np.array_equal(w.rows(2, 5).view(np.uint32), theirs[2:5].view(np.uint32))
+    assert w.nbytes == blocks.nbytes and w.size == 6 * 128 and w.storage == qtype.lower()
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_quantised_bytes_of_real_values_round_trip_through_gguf(qtype):
+    # blocks made by gguf's own quantiser from ordinary weights (what a real file holds)
+    x = np.random.default_rng(1).standard_normal((8, 96)).astype(np.float32) * 0.05
+    blocks = gguf_quants.quantize(x, GGMLQuantizationType[qtype])
+    w = W.GGMLWeight(blocks, qtype, x.shape)
+    assert np.array_equal(w.to_float(), reference(blocks, qtype))
+    assert np.abs(w.to_float() - x).max() < 0.05 * 0.3                          # and it is x, quantised
+
+
+def finite_weight(qtype: str, O: int, I: int) -> tuple[W.GGMLWeight, np.ndarray]:
+    x = np.random.default_rng(2).standard_normal((O, I)).astype(np.float32) * 0.1
+    w = W.GGMLWeight(gguf_quants.quantize(x, GGMLQuantizationType[qtype]), qtype, (O, I))
+    return w, w.to_float()
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N", [1, 3, 40])
+def test_products_equal_those_with_the_dequantised_matrix(qtype, dtype, N):
+    w, dense = finite_weight(qtype, O=80, I=64)
+    rng = np.random.default_rng(3)
+    x, dy, bias = (rng.standard_normal((N, 64)).astype(dtype), rng.standard_normal((N, 80)).astype(dtype),
+                   rng.standard_normal(80).astype(dtype))
+    assert W.linear_path(w, N, dtype) == ("tiles" if dtype == np.float32 else "widen-all")
+    assert_close(W.linear(x, w, bias), x.astype(np.float64) @ dense.T + bias, tol_for(dtype), "x Wᵀ + b")
+    assert_close(W.linear_dx(dy, w), dy.astype(np.float64) @ dense, tol_for(dtype), "dy W")
+    assert W.linear(x, w).dtype == dtype
+
+
+def test_a_quantised_base_gets_no_gradient_and_passes_gradcheck():
+    w, dense = finite_weight("Q4_1", O=12, I=64)
+    x = Tensor(np.random.default_rng(4).standard_normal((3, 64)), requires_grad=True)
+    result = gradcheck(lambda x: LinearFn.apply(x, Tensor(w)), [x])
+    assert_gradcheck(result, "linear through Q4_1 blocks")
+    with pytest.raises(Exception, match="frozen"):
+        Tensor(w, requires_grad=True)
+
+
+def test_bad_blocks_are_refused_in_one_line():
+    with pytest.raises(TypeError, match="Q4_0 blocks for \\(4, 64\\) must be \\(4, 36\\) uint8"):
+        W.GGMLWeight(np.zeros((4, 35), dtype=np.uint8), "Q4_0", (4, 64))
+    with pytest.raises(TypeError, match="unknown block type 'Q2_K'"):
+        W.GGMLWeight(np.zeros((4, 36), dtype=np.uint8), "Q2_K", (4, 64))
+
+
+@pytest.mark.slow
+def test_real_smollm2_q4_1_tensors_widen_like_gguf(smollm2_gguf):
+    from gguf import GGUFReader
+    reader = GGUFReader(smollm2_gguf)
+    seen = 0
+    for t in reader.tensors:
+        if t.tensor_type.name not in ggml.BLOCK_BYTES:
+            continue
+        O, I = int(t.shape[1]), int(t.shape[0])                   # GGUF lists dimensions innermost first
+        blocks = np.asarray(t.data).reshape(O, -1)
+        ours = W.GGMLWeight(blocks, t.tensor_type.name, (O, I)).to_float()
+        assert np.array_equal(ours.view(np.uint32), reference(blocks, t.tensor_type.name).view(np.uint32)), t.name
+        seen += 1
+    assert seen > 100                                              # the file's Q4_1 (and fall-back) matrices
