@@ -78,10 +78,29 @@ def test_products_equal_those_with_the_dequantised_matrix(qtype, dtype, N):
     rng = np.random.default_rng(3)
     x, dy, bias = (rng.standard_normal((N, 64)).astype(dtype), rng.standard_normal((N, 80)).astype(dtype),
                    rng.standard_normal(80).astype(dtype))
-    assert W.linear_path(w, N, dtype) == ("tiles" if dtype == np.float32 else "widen-all")
+    path = ("gemv" if N <= W.SMALL_N else "tiles") if dtype == np.float32 else "widen-all"
+    assert W.linear_path(w, N, dtype) == path
     assert_close(W.linear(x, w, bias), x.astype(np.float64) @ dense.T + bias, tol_for(dtype), "x Wᵀ + b")
     assert_close(W.linear_dx(dy, w), dy.astype(np.float64) @ dense, tol_for(dtype), "dy W")
     assert W.linear(x, w).dtype == dtype
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("compiled", ["serial", "parallel"])
+def test_decoding_gemv_reads_the_blocks_and_propagates_nan_and_inf(qtype, compiled):
+    blocks = random_blocks(qtype, O=70, I=96, seed=5)                    # special scales in the first rows
+    dense = reference(blocks, qtype).astype(np.float64)
+    x = np.random.default_rng(6).standard_normal((2, 96)).astype(np.float32)
+    bias = np.random.default_rng(7).standard_normal(70).astype(np.float32)
+    kernel = getattr(ggml.gemv_blocks, compiled)
+    got = kernel(x, blocks, ggml.KINDS[qtype], ggml.HALF, bias)
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = x.astype(np.float64) @ dense.T + bias
+    assert np.array_equal(np.isnan(got), np.isnan(expected))            # a NaN or inf scale spoils its row only
+    assert np.array_equal(np.isinf(got), np.isinf(expected))
+    finite = np.isfinite(expected)
+    assert finite.sum() > 100
+    assert_close(np.where(finite, got, 0), np.where(finite, expected, 0), 1e-4, "GEMV on blocks")
 
 
 def test_a_quantised_base_gets_no_gradient_and_passes_gradcheck():

@@ -373,3 +373,11 @@ def test_gguf_loads_directly_with_its_blocks(tmp_path, arch):
     assert len(blocks) == sum(is_quantised(n) for n, _ in dense.named_parameters()) > 0
     assert all(w.storage == "q8_0" for w in blocks.values())
     assert all(w.nbytes == w.size // 32 * 34 for w in blocks.values())         # 34 bytes per 32 weights, as stored
+
+
+def test_saving_a_merged_gguf_base_is_refused_in_one_line(tmp_path):
+    write_gguf(tmp_path / "tiny.gguf")
+    model = tl.load_model(tmp_path / "tiny.gguf")
+    with pytest.raises(TinyloraError, match="fusing onto a GGUF base is not supported yet; `tinylora import-gguf`"):
+        tl.save_model(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -209,6 +209,9 @@ def convert_tensors(reader, path: Path, arch: str, config: dict, keep_blocks: bo
         permuted = arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight"))
         if keep_blocks and t.tensor_type.name in ggml.BLOCK_BYTES and len(shape) == 2:
             blocks = np.asarray(t.data).reshape(shape[0], -1)   # (out, row bytes), still memory-mapped
+            if not np.isfinite(ggml.block_scales(blocks, t.tensor_type.name)).all():
+                raise TinyloraError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}) has NaN or inf block "
+                                    "scales; the file is damaged")
             blocks = unpermute(blocks, n_head) if permuted else blocks
             tensors[name] = GGMLWeight(np.array(blocks), t.tensor_type.name, shape)   # a copy we own
             continue

@@ -17,16 +17,20 @@ own float16 -> float32, exact, NaN payloads kept), so there is no
 bit-twiddling here. Every product and sum is one float32 operation in the
 order above, with no fused multiply-add, so the result is bit-identical to
 `gguf.quants.dequantize` (tests/test_ggml.py). A weight is stored as (O, row
-bytes) uint8, one row of blocks per output row; `rows` (O_sel,) says which
-rows to widen into out (O_sel, I) float32. Serial, like bf16's widen_rows:
-it runs between BLAS calls.
+bytes) uint8, one row of blocks per output row. `widen_rows` widens the rows
+it is given into float32 for BLAS (serial, like bf16's: it runs between BLAS
+calls); `gemv_blocks` is the decoding product, reading the blocks directly.
 """
 
 import numba as nb
 import numpy as np
 
+from . import parallel_when_large
+from .bf16 import GEMV_FASTMATH, ROWS
+
 BLOCK = 32                                                  # weights per block, every type here
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
+BYTES = np.array(list(BLOCK_BYTES.values()), dtype=np.int64)   # by KINDS number
 HALF = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)   # (65536,)
 
 
@@ -42,72 +46,82 @@ def _u32(blocks, r, p):
             | (np.uint32(blocks[r, p + 3]) << 24))
 
 
-@nb.njit(cache=True)
-def widen_q8_0(blocks, rows, out, half):
-    for n in range(rows.size):
-        r = rows[n]
-        for b in range(out.shape[1] // BLOCK):
-            p, o = b * 34, b * BLOCK
-            d = _half(blocks, r, p, half)
+# The block types by number, so that one kernel serves all five (a branch per block, not per weight).
+KINDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_0": 3, "Q5_1": 4}
+
+
+@nb.njit(cache=True, inline="always")
+def _widen_row(kind, blocks, r, out, half):
+    """Row r of blocks -> out (I,) float32: each block's 32 weights, by the table above."""
+    size = BYTES[kind]
+    for b in range(out.size // BLOCK):
+        p, o = b * size, b * BLOCK
+        d = _half(blocks, r, p, half)
+        if kind == 0:                                                   # Q8_0: d · q, q an int8
             for j in range(BLOCK):
                 q = np.int32(blocks[r, p + 2 + j])
-                out[n, o + j] = np.float32(q - 256 if q >= 128 else q) * d          # int8 from its byte
-
-
-@nb.njit(cache=True)
-def widen_q4_0(blocks, rows, out, half):
-    for n in range(rows.size):
-        r = rows[n]
-        for b in range(out.shape[1] // BLOCK):
-            p, o = b * 18, b * BLOCK
-            d = _half(blocks, r, p, half)
+                out[o + j] = np.float32(q - 256 if q >= 128 else q) * d
+        elif kind == 1:                                                 # Q4_0: d · (q - 8)
             for j in range(16):
                 byte = np.int32(blocks[r, p + 2 + j])
-                out[n, o + j] = d * np.float32((byte & 0xF) - 8)
-                out[n, o + j + 16] = d * np.float32((byte >> 4) - 8)
-
-
-@nb.njit(cache=True)
-def widen_q4_1(blocks, rows, out, half):
-    for n in range(rows.size):
-        r = rows[n]
-        for b in range(out.shape[1] // BLOCK):
-            p, o = b * 20, b * BLOCK
-            d, m = _half(blocks, r, p, half), _half(blocks, r, p + 2, half)
+                out[o + j] = d * np.float32((byte & 0xF) - 8)
+                out[o + j + 16] = d * np.float32((byte >> 4) - 8)
+        elif kind == 2:                                                 # Q4_1: d · q + m
+            m = _half(blocks, r, p + 2, half)
             for j in range(16):
                 byte = np.int32(blocks[r, p + 4 + j])
-                out[n, o + j] = d * np.float32(byte & 0xF) + m
-                out[n, o + j + 16] = d * np.float32(byte >> 4) + m
+                out[o + j] = d * np.float32(byte & 0xF) + m
+                out[o + j + 16] = d * np.float32(byte >> 4) + m
+        else:                                                           # Q5_0, Q5_1: a 5th bit from qh
+            m = _half(blocks, r, p + 2, half) if kind == 4 else np.float32(0.0)
+            qh = _u32(blocks, r, p + 2 + 2 * (kind == 4))
+            qs = p + 6 + 2 * (kind == 4)
+            for j in range(16):
+                byte = np.int32(blocks[r, qs + j])
+                lo = (byte & 0xF) | (np.int32((qh >> j) & 1) << 4)
+                hi = (byte >> 4) | (np.int32((qh >> (j + 16)) & 1) << 4)
+                if kind == 3:                                           # Q5_0: d · (q - 16)
+                    out[o + j] = d * np.float32(lo - 16)
+                    out[o + j + 16] = d * np.float32(hi - 16)
+                else:                                                   # Q5_1: d · q + m
+                    out[o + j] = d * np.float32(lo) + m
+                    out[o + j + 16] = d * np.float32(hi) + m
 
 
 @nb.njit(cache=True)
-def widen_q5_0(blocks, rows, out, half):
+def widen_rows(blocks, kind, rows, out, half):
+    """blocks (O, row bytes) uint8 of type `kind`, rows (O_sel,) int64 -> out[:O_sel] (O_sel, I) float32"""
     for n in range(rows.size):
-        r = rows[n]
-        for b in range(out.shape[1] // BLOCK):
-            p, o = b * 22, b * BLOCK
-            d, qh = _half(blocks, r, p, half), _u32(blocks, r, p + 2)
-            for j in range(16):
-                byte = np.int32(blocks[r, p + 6 + j])
-                lo = (byte & 0xF) | (np.int32((qh >> j) & 1) << 4)
-                hi = (byte >> 4) | (np.int32((qh >> (j + 16)) & 1) << 4)
-                out[n, o + j] = d * np.float32(lo - 16)
-                out[n, o + j + 16] = d * np.float32(hi - 16)
+        _widen_row(kind, blocks, rows[n], out[n], half)
 
 
-@nb.njit(cache=True)
-def widen_q5_1(blocks, rows, out, half):
-    for n in range(rows.size):
-        r = rows[n]
-        for b in range(out.shape[1] // BLOCK):
-            p, o = b * 24, b * BLOCK
-            d, m, qh = _half(blocks, r, p, half), _half(blocks, r, p + 2, half), _u32(blocks, r, p + 4)
-            for j in range(16):
-                byte = np.int32(blocks[r, p + 8 + j])
-                lo = (byte & 0xF) | (np.int32((qh >> j) & 1) << 4)
-                hi = (byte >> 4) | (np.int32((qh >> (j + 16)) & 1) << 4)
-                out[n, o + j] = d * np.float32(lo) + m
-                out[n, o + j + 16] = d * np.float32(hi) + m
+# Decoding reads every weight once per token, so, as for bf16 (kernels/bf16.py, where the two
+# fast-math flags are explained), each thread widens one row at a time into an L1-resident
+# buffer and dots it with every row of x: the only pass over memory reads the blocks. Under
+# "contract" the widening's d · q + m may become one fused multiply-add, so the weights the
+# GEMV uses can differ from `widen_rows`' in the last bit; the tests hold it to float32 accuracy.
+@parallel_when_large(1 << 20, fastmath=GEMV_FASTMATH)
+def gemv_blocks(x, blocks, kind, half, bias=None):
+    """x (N, I) float32, blocks (O, row bytes) uint8 of type `kind`, bias (O,) or None -> y (N, O), small N"""
+    N, I = x.shape
+    O = blocks.shape[0]
+    y = np.empty((N, O), dtype=np.float32)
+    for t in nb.prange((O + ROWS - 1) // ROWS):
+        row = np.empty(I, dtype=np.float32)
+        for o in range(t * ROWS, min(O, (t + 1) * ROWS)):
+            _widen_row(kind, blocks, o, row, half)
+            for n in range(N):
+                x_n = x[n]
+                s = np.float32(0.0)
+                for k in range(I):
+                    s += x_n[k] * row[k]
+                y[n, o] = s if bias is None else s + bias[o]
+    return y
 
 
-WIDEN = {"Q8_0": widen_q8_0, "Q4_0": widen_q4_0, "Q4_1": widen_q4_1, "Q5_0": widen_q5_0, "Q5_1": widen_q5_1}
+def block_scales(blocks, qtype: str):
+    """blocks (O, row bytes) uint8 -> every block's float16 scales as float32 (O, I/32, 1 or 2): d, and m
+    for Q4_1 / Q5_1. For a check at load time (a NaN or inf scale spoils its 32 weights)."""
+    per_block = blocks.reshape(blocks.shape[0], -1, BLOCK_BYTES[qtype])
+    halves = 2 if qtype in ("Q4_1", "Q5_1") else 1
+    return HALF[np.ascontiguousarray(per_block[..., :2 * halves]).view(np.uint16)]

@@ -202,7 +202,7 @@ class GGMLWeight(FrozenWeight):
     def _widen(self, rows: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         if out is None:
             out = np.empty((rows.size, self.shape[1]), dtype=np.float32)
-        ggml.WIDEN[self.qtype](self.blocks, rows, out, ggml.HALF)
+        ggml.widen_rows(self.blocks, ggml.KINDS[self.qtype], rows, out, ggml.HALF)
         return out[:rows.size]
 
     def rows(self, start, stop, out=None):
@@ -211,6 +211,9 @@ class GGMLWeight(FrozenWeight):
     def gather(self, ids):
         flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
         return self._widen(flat, None).reshape(ids.shape + (self.shape[1],))
+
+    def gemv(self, x, bias=None):
+        return ggml.gemv_blocks(x, self.blocks, ggml.KINDS[self.qtype], ggml.HALF, bias)
 
 
 def as_weight(w) -> FrozenWeight:

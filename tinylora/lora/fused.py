@@ -73,6 +73,9 @@ def save_model(model, out_dir: str | os.PathLike, dtype: str = "float32", overwr
         raise TinyloraError("the model still has LoRA layers: merge them first (tinylora.merge), "
                             "or use fuse, which merges")
     source = getattr(model, "folder", None)
+    if source is None and str(getattr(model, "name_or_path", "")).endswith(".gguf"):
+        raise TinyloraError(f"{model.name_or_path}: fusing onto a GGUF base is not supported yet; "
+                            "`tinylora import-gguf` it into a folder first and fuse onto that")
     if source is None:
         raise TinyloraError("the model has no source folder to take config.json and tokenizer files from; "
                             "load it with tinylora.load or load_model")
