@@ -381,3 +381,16 @@ def test_saving_a_merged_gguf_base_is_refused_in_one_line(tmp_path):
     with pytest.raises(TinyloraError, match="fusing onto a GGUF base is not supported yet; `tinylora import-gguf`"):
         tl.save_model(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_nan_block_scale_is_refused_at_load_naming_the_tensor(tmp_path):
+    write_gguf(tmp_path / "tiny.gguf")
+    data = bytearray((tmp_path / "tiny.gguf").read_bytes())
+    reader = gguf.GGUFReader(tmp_path / "tiny.gguf")
+    t = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")          # Q8_0 blocks
+    start = int(t.data_offset) + 34 * 3                                                 # the 4th block's d
+    data[start:start + 2] = np.array([0x7E00], dtype=np.uint16).tobytes()               # a float16 NaN
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    with pytest.raises(TinyloraError, match="bad.gguf: tensor 'blk.1.ffn_down.weight' \\(Q8_0\\) has NaN or inf "
+                                            "block scales"):
+        tl.load_model(tmp_path / "bad.gguf")
