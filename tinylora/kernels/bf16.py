@@ -77,6 +77,18 @@ GEMV_FASTMATH = {"reassoc", "contract"}
 ROWS = 64    # weight rows per parallel task
 
 
+@nb.njit(cache=True, inline="always")
+def dot_into(x, row, o, y, bias):
+    """y[n, o] = x[n] · row (+ bias[o]) for every row n of x (N, I): the GEMVs' inner loop.
+    Inlined into its caller's IR, so it is compiled with the caller's fast-math flags."""
+    for n in range(x.shape[0]):
+        x_n = x[n]
+        s = np.float32(0.0)
+        for k in range(row.size):
+            s += x_n[k] * row[k]
+        y[n, o] = s if bias is None else s + bias[o]
+
+
 @parallel_when_large(1 << 20, fastmath=GEMV_FASTMATH)
 def gemv_bf16(x, bits, bias=None):
     """x (N, I) float32, bits (O, I) uint16, bias (O,) float32 or None -> y (N, O) float32, for small N
@@ -93,10 +105,5 @@ def gemv_bf16(x, bits, bias=None):
             w_o = bits[o]
             for k in range(I):
                 wide[k] = np.uint32(w_o[k]) << 16
-            for n in range(N):
-                x_n = x[n]
-                s = np.float32(0.0)
-                for k in range(I):
-                    s += x_n[k] * row[k]
-                y[n, o] = s if bias is None else s + bias[o]
+            dot_into(x, row, o, y, bias)
     return y

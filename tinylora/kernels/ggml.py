@@ -26,7 +26,7 @@ import numba as nb
 import numpy as np
 
 from . import parallel_when_large
-from .bf16 import GEMV_FASTMATH, ROWS
+from .bf16 import GEMV_FASTMATH, ROWS, dot_into
 
 BLOCK = 32                                                  # weights per block, every type here
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
@@ -110,12 +110,7 @@ def gemv_blocks(x, blocks, kind, half, bias=None):
         row = np.empty(I, dtype=np.float32)
         for o in range(t * ROWS, min(O, (t + 1) * ROWS)):
             _widen_row(kind, blocks, o, row, half)
-            for n in range(N):
-                x_n = x[n]
-                s = np.float32(0.0)
-                for k in range(I):
-                    s += x_n[k] * row[k]
-                y[n, o] = s if bias is None else s + bias[o]
+            dot_into(x, row, o, y, bias)
     return y
 
 
