@@ -16,21 +16,19 @@ TYPES = list(ggml.BLOCK_BYTES)
 SPECIAL_HALVES = [0x0000, 0x8000, 0x0001, 0x03FF, 0x8200, 0x7BFF, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFFFF]
 
 
-def random_blocks(qtype: str, O: int, I: int, seed: int = 0) -> np.ndarray:
-    """(O, row bytes) uint8: any bytes are a valid block; scales (and offsets) set to every special value."""
+def random_blocks(qtype: str, O: int, I: int, seed: int = 0, special: bool = True, std: float = 0.02) -> np.ndarray:
+    """(O, row bytes) uint8: any bytes are a valid block; float16 scales set to every special value."""
     rng = np.random.default_rng(seed)
     size = ggml.BLOCK_BYTES[qtype]
-    blocks = rng.integers(0, 256, size=(O, I // ggml.BLOCK, size), dtype=np.uint8)
+    blocks = rng.integers(0, 256, size=(O, I // ggml.BLOCK_WEIGHTS[qtype], size), dtype=np.uint8)
     # ordinary scales first (random bytes would give huge or NaN halves half the time) ...
-    blocks[..., 0:2] = (rng.standard_normal(blocks.shape[:2]) * 0.02).astype(np.float16)[..., None].view(np.uint8)
-    if qtype in ("Q4_1", "Q5_1"):
-        blocks[..., 2:4] = (rng.standard_normal(blocks.shape[:2]) * 0.05).astype(np.float16)[..., None].view(np.uint8)
-    # ... then the special ones, on the first blocks of the first row: d, and m where the type has one
+    for at in ggml.SCALES_AT[qtype]:
+        blocks[..., at:at + 2] = (rng.standard_normal(blocks.shape[:2]) * std).astype(np.float16)[..., None].view(np.uint8)
+    # ... then the special ones, on the first blocks (d) and the last ones (m or dmin)
     flat = blocks.reshape(-1, size)
-    for i, bits in enumerate(SPECIAL_HALVES):
-        flat[i, 0:2] = np.array([bits], dtype=np.uint16).view(np.uint8)
-        if qtype in ("Q4_1", "Q5_1"):
-            flat[len(flat) - 1 - i, 2:4] = np.array([bits], dtype=np.uint16).view(np.uint8)
+    for i, bits in enumerate(SPECIAL_HALVES if special else []):
+        for k, at in enumerate(ggml.SCALES_AT[qtype]):
+            flat[i if k == 0 else len(flat) - 1 - i, at:at + 2] = np.array([bits], dtype=np.uint16).view(np.uint8)
     return blocks.reshape(O, -1)
 
 
@@ -42,8 +40,8 @@ def reference(blocks: np.ndarray, qtype: str) -> np.ndarray:
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_widening_is_bit_identical_to_gguf(qtype):
-    blocks = random_blocks(qtype, O=6, I=128)
-    w = W.GGMLWeight(blocks, qtype, (6, 128))
+    blocks = random_blocks(qtype, O=6, I=512)
+    w = W.GGMLWeight(blocks, qtype, (6, 512))
     ours, theirs = w.to_float(), reference(blocks, qtype)
     assert ours.dtype == theirs.dtype == np.float32 and ours.shape == theirs.shape
     assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))        # NaN payloads and signed zeros too
@@ -51,10 +49,10 @@ def test_widening_is_bit_identical_to_gguf(qtype):
     ids = np.array([[5, 0], [2, 5]])
     assert np.array_equal(w.gather(ids).view(np.uint32), theirs[ids].view(np.uint32))
     assert np.array_equal(w.rows(2, 5).view(np.uint32), theirs[2:5].view(np.uint32))
-    assert w.nbytes == blocks.nbytes and w.size == 6 * 128 and w.storage == qtype.lower()
+    assert w.nbytes == blocks.nbytes and w.size == 6 * 512 and w.storage == qtype.lower()
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", [t for t in TYPES if not t.endswith("_K")])   # gguf quantises these only
 def test_quantised_bytes_of_real_values_round_trip_through_gguf(qtype):
     # blocks made by gguf's own quantiser from ordinary weights (what a real file holds)
     x = np.random.default_rng(1).standard_normal((8, 96)).astype(np.float32) * 0.05
@@ -65,8 +63,12 @@ def test_quantised_bytes_of_real_values_round_trip_through_gguf(qtype):
 
 
 def finite_weight(qtype: str, O: int, I: int) -> tuple[W.GGMLWeight, np.ndarray]:
-    x = np.random.default_rng(2).standard_normal((O, I)).astype(np.float32) * 0.1
-    w = W.GGMLWeight(gguf_quants.quantize(x, GGMLQuantizationType[qtype]), qtype, (O, I))
+    if qtype.endswith("_K"):                              # random blocks with ordinary scales
+        blocks = random_blocks(qtype, O, I, seed=2, special=False, std=0.0005)   # weights ~0.1
+    else:                                                 # gguf's own quantisation of ordinary weights
+        x = np.random.default_rng(2).standard_normal((O, I)).astype(np.float32) * 0.1
+        blocks = gguf_quants.quantize(x, GGMLQuantizationType[qtype])
+    w = W.GGMLWeight(blocks, qtype, (O, I))
     return w, w.to_float()
 
 
@@ -74,9 +76,9 @@ def finite_weight(qtype: str, O: int, I: int) -> tuple[W.GGMLWeight, np.ndarray]
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("N", [1, 3, 40])
 def test_products_equal_those_with_the_dequantised_matrix(qtype, dtype, N):
-    w, dense = finite_weight(qtype, O=80, I=64)
+    w, dense = finite_weight(qtype, O=80, I=256)
     rng = np.random.default_rng(3)
-    x, dy, bias = (rng.standard_normal((N, 64)).astype(dtype), rng.standard_normal((N, 80)).astype(dtype),
+    x, dy, bias = (rng.standard_normal((N, 256)).astype(dtype), rng.standard_normal((N, 80)).astype(dtype),
                    rng.standard_normal(80).astype(dtype))
     path = ("gemv" if N <= W.SMALL_N else "tiles") if dtype == np.float32 else "widen-all"
     assert W.linear_path(w, N, dtype) == path
@@ -88,9 +90,9 @@ def test_products_equal_those_with_the_dequantised_matrix(qtype, dtype, N):
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("compiled", ["serial", "parallel"])
 def test_decoding_gemv_reads_the_blocks_and_propagates_nan_and_inf(qtype, compiled):
-    blocks = random_blocks(qtype, O=70, I=96, seed=5)                    # special scales in the first rows
+    blocks = random_blocks(qtype, O=70, I=256, seed=5)                   # special scales in the first rows
     dense = reference(blocks, qtype).astype(np.float64)
-    x = np.random.default_rng(6).standard_normal((2, 96)).astype(np.float32)
+    x = np.random.default_rng(6).standard_normal((2, 256)).astype(np.float32)
     bias = np.random.default_rng(7).standard_normal(70).astype(np.float32)
     kernel = getattr(ggml.gemv_blocks, compiled)
     got = kernel(x, blocks, ggml.KINDS[qtype], ggml.HALF, bias)

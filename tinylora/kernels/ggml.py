@@ -12,6 +12,13 @@ dequantize_row_* in ggml-quants.c):
     Q5_0   22     d (f16), qh (u32: bit j = 5th bit of q_j), qs[16] d · (q - 16)
     Q5_1   24     d, m (f16), qh (u32), qs[16]                      d · q + m
 
+and the "K" types, super-blocks of 256 weights in 8 sub-blocks of 32 (Q4_K,
+Q5_K) or 16 of 16 (Q6_K), each sub-block with its own 6- or 8-bit scale:
+
+    Q4_K   144    d, dmin (f16), scales[12] (8 6-bit sc, 8 6-bit m), qs[128] 4-bit     (d·sc_i) · q - (dmin·m_i)
+    Q5_K   176    as Q4_K, then qh[32] (bit i of byte j: 5th bit of weight 32i + j), qs    the same, q of 5 bits
+    Q6_K   210    ql[128] 4-bit, qh[64] 2-bit, scales[16] int8, d (f16)                (d·sc_i) · (q - 32)
+
 The float16 scales are widened through a 65536-entry table (`HALF`, NumPy's
 own float16 -> float32, exact, NaN payloads kept), so there is no
 bit-twiddling here. Every product and sum is one float32 operation in the
@@ -28,8 +35,11 @@ import numpy as np
 from . import parallel_when_large
 from .bf16 import GEMV_FASTMATH, ROWS, dot_into
 
-BLOCK = 32                                                  # weights per block, every type here
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
+BLOCK = 32                                                  # weights per block of the first five types
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+BLOCK_WEIGHTS = {t: 256 if t.endswith("_K") else 32 for t in BLOCK_BYTES}
+SCALES_AT = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),   # byte offsets of the
+             "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}                              # float16 scales
 BYTES = np.array(list(BLOCK_BYTES.values()), dtype=np.int64)   # by KINDS number
 HALF = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)   # (65536,)
 
@@ -46,13 +56,54 @@ def _u32(blocks, r, p):
             | (np.uint32(blocks[r, p + 3]) << 24))
 
 
-# The block types by number, so that one kernel serves all five (a branch per block, not per weight).
-KINDS = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_0": 3, "Q5_1": 4}
+# The block types by number, so that one kernel serves them all (a branch per block, not per weight).
+KINDS = {t: k for k, t in enumerate(BLOCK_BYTES)}
+
+
+@nb.njit(cache=True, inline="always")
+def _scale_min_k4(scales_at, blocks, r, i):
+    """Sub-block i's 6-bit scale and min from Q4_K/Q5_K's 12 packed bytes (ggml's get_scale_min_k4)."""
+    if i < 4:
+        return np.int32(blocks[r, scales_at + i]) & 63, np.int32(blocks[r, scales_at + i + 4]) & 63
+    low = np.int32(blocks[r, scales_at + i + 4])
+    return ((low & 0xF) | ((np.int32(blocks[r, scales_at + i - 4]) >> 6) << 4),
+            (low >> 4) | ((np.int32(blocks[r, scales_at + i]) >> 6) << 4))
+
+
+@nb.njit(cache=True, inline="always")
+def _widen_row_k(kind, blocks, r, out, half):
+    """Row r of K-type super-blocks -> out (I,) float32."""
+    size = BYTES[kind]
+    for b in range(out.size // 256):
+        p, o = b * size, b * 256
+        if kind == 7:                                                   # Q6_K
+            d = _half(blocks, r, p + 208, half)
+            for e in range(256):
+                h, within = e // 128, e % 128
+                low = (np.int32(blocks[r, p + h * 64 + within % 64]) >> (4 * (within // 64))) & 0xF
+                high = (np.int32(blocks[r, p + 128 + h * 32 + e % 32]) >> (2 * (within // 32))) & 3
+                sc = np.int32(blocks[r, p + 192 + e // 16])
+                scale = d * np.float32(sc - 256 if sc >= 128 else sc)
+                out[o + e] = scale * np.float32((low | (high << 4)) - 32)
+            continue
+        d, dmin = _half(blocks, r, p, half), _half(blocks, r, p + 2, half)
+        qs = p + 16 + 32 * (kind == 6)                                  # Q5_K keeps qh[32] before qs
+        for i in range(8):
+            sc, m = _scale_min_k4(p + 4, blocks, r, i)
+            scale, minimum = d * np.float32(sc), dmin * np.float32(m)
+            for j in range(32):
+                q = (np.int32(blocks[r, qs + 32 * (i // 2) + j]) >> (4 * (i % 2))) & 0xF
+                if kind == 6:
+                    q |= ((np.int32(blocks[r, p + 16 + j]) >> i) & 1) << 4
+                out[o + 32 * i + j] = scale * np.float32(q) - minimum
 
 
 @nb.njit(cache=True, inline="always")
 def _widen_row(kind, blocks, r, out, half):
-    """Row r of blocks -> out (I,) float32: each block's 32 weights, by the table above."""
+    """Row r of blocks -> out (I,) float32: each block's weights, by the table above."""
+    if kind >= 5:
+        _widen_row_k(kind, blocks, r, out, half)
+        return
     size = BYTES[kind]
     for b in range(out.size // BLOCK):
         p, o = b * size, b * BLOCK
@@ -115,8 +166,9 @@ def gemv_blocks(x, blocks, kind, half, bias=None):
 
 
 def block_scales(blocks, qtype: str):
-    """blocks (O, row bytes) uint8 -> every block's float16 scales as float32 (O, I/32, 1 or 2): d, and m
-    for Q4_1 / Q5_1. For a check at load time (a NaN or inf scale spoils its 32 weights)."""
+    """blocks (O, row bytes) uint8 -> every block's float16 scales as float32 (O, blocks, 1 or 2): d, and m
+    or dmin where the type has one. For a check at load time (a NaN or inf scale spoils its block)."""
     per_block = blocks.reshape(blocks.shape[0], -1, BLOCK_BYTES[qtype])
-    halves = 2 if qtype in ("Q4_1", "Q5_1") else 1
-    return HALF[np.ascontiguousarray(per_block[..., :2 * halves]).view(np.uint16)]
+    at = np.array(SCALES_AT[qtype])
+    pairs = np.stack([per_block[..., at], per_block[..., at + 1]], axis=-1)      # (O, blocks, halves, 2)
+    return HALF[np.ascontiguousarray(pairs).view(np.uint16)[..., 0]]

@@ -178,18 +178,19 @@ class BF16Weight(FrozenWeight):
 
 
 class GGMLWeight(FrozenWeight):
-    """A matrix in one of llama.cpp's block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), its blocks as stored.
+    """A matrix in one of llama.cpp's block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), as stored.
 
-    blocks: (O, I / 32 · block bytes) uint8, one row of blocks per output row (kernels/ggml.py).
+    blocks: (O, I / block weights · block bytes) uint8, one row of blocks per output row (kernels/ggml.py).
     """
 
     def __init__(self, blocks: np.ndarray, qtype: str, shape: tuple[int, int]):
         O, I = shape
         if qtype not in ggml.BLOCK_BYTES:
             raise TypeError(f"GGMLWeight: unknown block type {qtype!r} (known: {', '.join(ggml.BLOCK_BYTES)})")
-        if I % ggml.BLOCK or blocks.dtype != np.uint8 or blocks.shape != (O, I // ggml.BLOCK * ggml.BLOCK_BYTES[qtype]):
-            raise TypeError(f"GGMLWeight: {qtype} blocks for ({O}, {I}) must be ({O}, "
-                            f"{I // ggml.BLOCK * ggml.BLOCK_BYTES[qtype]}) uint8, got {blocks.dtype} {blocks.shape}")
+        per_row = I // ggml.BLOCK_WEIGHTS[qtype] * ggml.BLOCK_BYTES[qtype]
+        if I % ggml.BLOCK_WEIGHTS[qtype] or blocks.dtype != np.uint8 or blocks.shape != (O, per_row):
+            raise TypeError(f"GGMLWeight: {qtype} blocks for ({O}, {I}) must be ({O}, {per_row}) uint8, "
+                            f"got {blocks.dtype} {blocks.shape}")
         self.blocks = np.ascontiguousarray(blocks)
         self.qtype = qtype
         self.storage = qtype.lower()
