@@ -82,7 +82,7 @@ def gguf_name(hf: str) -> str:
 
 
 def write_gguf(path, arch="llama", tied=True, pre="smollm", model="gpt2", add_bos=False, seed=0,
-               extra_tensors=(), extra_meta=None):
+               extra_tensors=(), extra_meta=None, bf16=()):
     """A tiny GGUF as llama.cpp would write it -> the original HF weights."""
     rng = np.random.default_rng(seed)
     tokens, types = tiny_vocab()
@@ -116,6 +116,9 @@ def write_gguf(path, arch="llama", tied=True, pre="smollm", model="gpt2", add_bo
             array = llama_cpp_permute(array, HEADS if "attn_q" in name else KV_HEADS)
         if name.split(".")[-2] in QUANTISED and name.endswith(".weight"):
             w.add_tensor(name, quantize(array, Q8_0), raw_dtype=Q8_0)
+        elif name.split(".")[-2] in bf16 and name.endswith(".weight"):          # stored as BF16, rounded
+            bits = quantize(array, gguf.GGMLQuantizationType.BF16)
+            w.add_tensor(name, bits, raw_dtype=gguf.GGMLQuantizationType.BF16)
         else:
             w.add_tensor(name, array)
     for name, array in extra_tensors:
@@ -360,8 +363,8 @@ def test_tokenizer_ids_equal_transformers_gguf_tokenizer(tmp_path, pre):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gguf_loads_directly_with_its_blocks(tmp_path, arch):
-    from tinylora.kernels.weights import GGMLWeight
-    write_gguf(tmp_path / "tiny.gguf", arch=arch, tied=False)
+    from tinylora.kernels.weights import BF16Weight, GGMLWeight
+    write_gguf(tmp_path / "tiny.gguf", arch=arch, tied=False, bf16=("attn_k", "ffn_up"))
     imported = G.import_gguf(tmp_path / "tiny.gguf", tmp_path / "out")          # dequantised to float32
     ids = np.array([[1, 5, 9, 3, 7], [2, 4, 6, 8, 1]])
     for dtype, tol in (("float64", 1e-12), ("float32", 1e-5)):       # float64: the blocks widened once
@@ -372,6 +375,8 @@ def test_gguf_loads_directly_with_its_blocks(tmp_path, arch):
     blocks = {n: p.data for n, p in direct.named_parameters() if isinstance(p.data, GGMLWeight)}   # float32
     assert len(blocks) == sum(is_quantised(n) for n, _ in dense.named_parameters()) > 0
     assert all(w.storage == "q8_0" for w in blocks.values())
+    kept_bits = {n for n, p in direct.named_parameters() if isinstance(p.data, BF16Weight)}
+    assert kept_bits and all(n.endswith(("k_proj.weight", "up_proj.weight")) for n in kept_bits)
     assert all(w.nbytes == w.size // 32 * 34 for w in blocks.values())         # 34 bytes per 32 weights, as stored
 
 

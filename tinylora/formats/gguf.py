@@ -45,7 +45,7 @@ import numpy as np
 
 from ..errors import TinyloraError
 from ..kernels import ggml
-from ..kernels.weights import GGMLWeight
+from ..kernels.weights import BF16Weight, GGMLWeight
 from .files import atomic_folder, write_json, write_text
 from .gguf_tokenizer import build_tokenizer
 from .safetensors import write_safetensors
@@ -191,7 +191,8 @@ def build_config(meta: Metadata, arch: str, tensor_names: set[str], vocab_size: 
 
 def convert_tensors(reader, path: Path, arch: str, config: dict, keep_blocks: bool = False) -> dict:
     """Every tensor under its HF name and in HF row order: dequantised to float32, or with
-    keep_blocks, a matrix of one of kernels/ggml.py's block types kept as its blocks (a GGMLWeight).
+    keep_blocks, a matrix of one of kernels/ggml.py's block types kept as its blocks (a GGMLWeight)
+    and a BF16 matrix kept as its bits (a BF16Weight).
 
     The Llama q/k row permutation moves whole rows, and a row of blocks is a row of weights,
     so it is undone on the blocks just as on the floats.
@@ -214,6 +215,10 @@ def convert_tensors(reader, path: Path, arch: str, config: dict, keep_blocks: bo
                                     "scales; the file is damaged")
             blocks = unpermute(blocks, n_head) if permuted else blocks
             tensors[name] = GGMLWeight(np.array(blocks), t.tensor_type.name, shape)   # a copy we own
+            continue
+        if keep_blocks and t.tensor_type.name == "BF16" and len(shape) == 2:
+            bits = np.asarray(t.data).view(np.uint16).reshape(shape)          # bf16 as stored: bits kept
+            tensors[name] = BF16Weight(np.array(unpermute(bits, n_head) if permuted else bits))
             continue
         try:
             w = dequantize(t.data, t.tensor_type)
