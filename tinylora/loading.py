@@ -77,8 +77,8 @@ def _load_gguf(path: Path, dtype: str) -> tuple[CausalLM, Tokenizer]:
     tensors = {name: t if isinstance(t, FrozenWeight) else convert(name, t) for name, t in tensors.items()}
     model = CausalLM.from_state_dict(ModelConfig.from_dict(config), tensors, dtype=DTYPES[dtype], source=str(path))
     model.name_or_path, model.folder = str(path), None     # no folder of tokenizer files to copy from
-    templates = {"default": tokenizer_config["chat_template"]} if tokenizer_config.get("chat_template") else {}
-    eos = [config["eos_token_id"]] if "eos_token_id" in config else []
+    templates = Tokenizer.config_templates(tokenizer_config)
+    eos = [config["eos_token_id"]] if "eos_token_id" in config else []    # an int, as build_config writes it
     return model, Tokenizer.from_parts(backend, tokenizer_config, templates, eos, str(path))
 
 

@@ -245,15 +245,18 @@ class Tokenizer:
         return cls(backend, special_tokens, templates, extra_eos, source=source)
 
     @staticmethod
-    def _read_chat_templates(folder: Path, config: dict) -> dict[str, str]:
-        # tokenizer_config.json: one template as a string, or several as [{"name", "template"}].
+    def config_templates(config: dict) -> dict[str, str]:
+        """tokenizer_config.json's chat templates by name: one as a string, or several as [{"name", "template"}]."""
         entry = config.get("chat_template")
         if isinstance(entry, str):
-            templates = {"default": entry}
-        elif isinstance(entry, list):
-            templates = {t["name"]: t["template"] for t in entry if isinstance(t, dict) and "name" in t}
-        else:
-            templates = {}
+            return {"default": entry}
+        if isinstance(entry, list):
+            return {t["name"]: t["template"] for t in entry if isinstance(t, dict) and "name" in t}
+        return {}
+
+    @classmethod
+    def _read_chat_templates(cls, folder: Path, config: dict) -> dict[str, str]:
+        templates = cls.config_templates(config)
         # Newer transformers saves chat_template.jinja (plus additional_chat_templates/*.jinja).
         # When any template file exists, the files replace the config's templates entirely.
         files = {}

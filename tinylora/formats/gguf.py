@@ -206,19 +206,19 @@ def convert_tensors(reader, path: Path, arch: str, config: dict, keep_blocks: bo
             raise TinyloraError(f"{path}: tensor {t.name!r} has no counterpart in a Hugging Face "
                                 f"{ARCHITECTURES[arch][0]} (unsupported feature)")
         shape = tuple(int(d) for d in reversed(t.shape))        # ggml's ne, reversed: (out, in)
-        n_head = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
-        permuted = arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight"))
+        n_head = None                                           # rows already in HF order
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            n_head = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
         if keep_blocks and t.tensor_type.name in ggml.BLOCK_BYTES and len(shape) == 2:
             blocks = np.asarray(t.data).reshape(shape[0], -1)   # (out, row bytes), still memory-mapped
             if not np.isfinite(ggml.block_scales(blocks, t.tensor_type.name)).all():
                 raise TinyloraError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}) has NaN or inf block "
                                     "scales; the file is damaged")
-            blocks = unpermute(blocks, n_head) if permuted else blocks
-            tensors[name] = GGMLWeight(np.array(blocks), t.tensor_type.name, shape)   # a copy we own
+            tensors[name] = GGMLWeight(np.array(_hf_rows(blocks, n_head)), t.tensor_type.name, shape)   # a copy we own
             continue
         if keep_blocks and t.tensor_type.name == "BF16" and len(shape) == 2:
             bits = np.asarray(t.data).view(np.uint16).reshape(shape)          # bf16 as stored: bits kept
-            tensors[name] = BF16Weight(np.array(unpermute(bits, n_head) if permuted else bits))
+            tensors[name] = BF16Weight(np.array(_hf_rows(bits, n_head)))
             continue
         try:
             w = dequantize(t.data, t.tensor_type)
@@ -229,8 +229,13 @@ def convert_tensors(reader, path: Path, arch: str, config: dict, keep_blocks: bo
             raise TinyloraError(f"{path}: tensor {t.name!r}: dequantised to shape {w.shape}, "
                                 f"but its dimensions (ne) {list(t.shape)} say {shape}")
         w = np.asarray(w, dtype=np.float32)
-        tensors[name] = unpermute(w, n_head) if permuted else w
+        tensors[name] = _hf_rows(w, n_head)
     return tensors
+
+
+def _hf_rows(rows: np.ndarray, n_head: int | None) -> np.ndarray:
+    """Rows (floats, bf16 bits or blocks: a whole row each) in HF order: unpermuted for Llama's q/k."""
+    return rows if n_head is None else unpermute(rows, n_head)
 
 
 # --------------------------------------------------------------------------
