@@ -170,5 +170,10 @@ def test_info_counts_logical_parameters_and_reports_bytes_per_storage(tmp_path, 
     total = f"{matrices + vectors:,}"
     for o in outputs.values():
         assert total in o.split("total", 1)[1].splitlines()[0]          # logical counts, whatever the storage
-    assert f"float32 {4 * (matrices + vectors) / 2**20:,.1f} MiB" in outputs["float32"]
-    assert f"bfloat16 {2 * matrices / 2**20:,.1f} MiB, float32 {4 * vectors / 2**20:,.1f} MiB" in outputs["bfloat16"]
+    assert f"float32 {4 * (matrices + vectors) / 2**10:,.1f} KiB" in outputs["float32"]
+    assert f"bfloat16 {2 * matrices / 2**10:,.1f} KiB, float32 {4 * vectors / 2**10:,.1f} KiB" in outputs["bfloat16"]
+    assert main(["info", "--model", str(tmp_path), "--quantize", "nf4"]) == 0      # and per group, as stored
+    out = capsys.readouterr().out
+    mlp = sum(a.size for n, a in state.items() if ".mlp." in n)
+    line = next(line for line in out.splitlines() if line.strip().startswith("mlp"))
+    assert f"{mlp:,}" in line and f"nf4 {(mlp // 2 + mlp // 64 * 4) / 2**10:,.1f} KiB" in line   # 4 bits + 4 bytes / 64

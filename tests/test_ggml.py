@@ -8,6 +8,7 @@ from helpers import assert_close, assert_gradcheck, tol_for
 
 from tinylora import Tensor, gradcheck
 from tinylora.kernels import ggml
+from tinylora.kernels import quantized as Q
 from tinylora.kernels import weights as W
 from tinylora.ops.linear import LinearFn
 
@@ -41,7 +42,7 @@ def reference(blocks: np.ndarray, qtype: str) -> np.ndarray:
 @pytest.mark.parametrize("qtype", TYPES)
 def test_widening_is_bit_identical_to_gguf(qtype):
     blocks = random_blocks(qtype, O=6, I=512)
-    w = W.GGMLWeight(blocks, qtype, (6, 512))
+    w = Q.GGMLWeight(blocks, qtype, (6, 512))
     ours, theirs = w.to_float(), reference(blocks, qtype)
     assert ours.dtype == theirs.dtype == np.float32 and ours.shape == theirs.shape
     assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))        # NaN payloads and signed zeros too
@@ -57,18 +58,18 @@ def test_quantised_bytes_of_real_values_round_trip_through_gguf(qtype):
     # blocks made by gguf's own quantiser from ordinary weights (what a real file holds)
     x = np.random.default_rng(1).standard_normal((8, 96)).astype(np.float32) * 0.05
     blocks = gguf_quants.quantize(x, GGMLQuantizationType[qtype])
-    w = W.GGMLWeight(blocks, qtype, x.shape)
+    w = Q.GGMLWeight(blocks, qtype, x.shape)
     assert np.array_equal(w.to_float(), reference(blocks, qtype))
     assert np.abs(w.to_float() - x).max() < 0.05 * 0.3                          # and it is x, quantised
 
 
-def finite_weight(qtype: str, O: int, I: int) -> tuple[W.GGMLWeight, np.ndarray]:
+def finite_weight(qtype: str, O: int, I: int) -> tuple[Q.GGMLWeight, np.ndarray]:
     if qtype.endswith("_K"):                              # random blocks with ordinary scales
         blocks = random_blocks(qtype, O, I, seed=2, special=False, std=0.0005)   # weights ~0.1
     else:                                                 # gguf's own quantisation of ordinary weights
         x = np.random.default_rng(2).standard_normal((O, I)).astype(np.float32) * 0.1
         blocks = gguf_quants.quantize(x, GGMLQuantizationType[qtype])
-    w = W.GGMLWeight(blocks, qtype, (O, I))
+    w = Q.GGMLWeight(blocks, qtype, (O, I))
     return w, w.to_float()
 
 
@@ -116,9 +117,9 @@ def test_a_quantised_base_gets_no_gradient_and_passes_gradcheck():
 
 def test_bad_blocks_are_refused_in_one_line():
     with pytest.raises(TypeError, match="Q4_0 blocks for \\(4, 64\\) must be \\(4, 36\\) uint8"):
-        W.GGMLWeight(np.zeros((4, 35), dtype=np.uint8), "Q4_0", (4, 64))
+        Q.GGMLWeight(np.zeros((4, 35), dtype=np.uint8), "Q4_0", (4, 64))
     with pytest.raises(TypeError, match="unknown block type 'Q2_K'"):
-        W.GGMLWeight(np.zeros((4, 36), dtype=np.uint8), "Q2_K", (4, 64))
+        Q.GGMLWeight(np.zeros((4, 36), dtype=np.uint8), "Q2_K", (4, 64))
 
 
 @pytest.mark.slow
@@ -131,7 +132,7 @@ def test_real_smollm2_q4_1_tensors_widen_like_gguf(smollm2_gguf):
             continue
         O, I = int(t.shape[1]), int(t.shape[0])                   # GGUF lists dimensions innermost first
         blocks = np.asarray(t.data).reshape(O, -1)
-        ours = W.GGMLWeight(blocks, t.tensor_type.name, (O, I)).to_float()
+        ours = Q.GGMLWeight(blocks, t.tensor_type.name, (O, I)).to_float()
         assert np.array_equal(ours.view(np.uint32), reference(blocks, t.tensor_type.name).view(np.uint32)), t.name
         seen += 1
     assert seen > 100                                              # the file's Q4_1 (and fall-back) matrices

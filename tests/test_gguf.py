@@ -82,7 +82,7 @@ def gguf_name(hf: str) -> str:
 
 
 def write_gguf(path, arch="llama", tied=True, pre="smollm", model="gpt2", add_bos=False, seed=0,
-               extra_tensors=(), extra_meta=None, bf16=()):
+               extra_tensors=(), extra_meta=None, bf16=(), f16=(), quantised=None):
     """A tiny GGUF as llama.cpp would write it -> the original HF weights."""
     rng = np.random.default_rng(seed)
     tokens, types = tiny_vocab()
@@ -114,11 +114,13 @@ def write_gguf(path, arch="llama", tied=True, pre="smollm", model="gpt2", add_bo
         name = gguf_name(hf)
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             array = llama_cpp_permute(array, HEADS if "attn_q" in name else KV_HEADS)
-        if name.split(".")[-2] in QUANTISED and name.endswith(".weight"):
+        if name.split(".")[-2] in (QUANTISED if quantised is None else quantised) and name.endswith(".weight"):
             w.add_tensor(name, quantize(array, Q8_0), raw_dtype=Q8_0)
         elif name.split(".")[-2] in bf16 and name.endswith(".weight"):          # stored as BF16, rounded
             bits = quantize(array, gguf.GGMLQuantizationType.BF16)
             w.add_tensor(name, bits, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        elif name.split(".")[-2] in f16 and name.endswith(".weight"):
+            w.add_tensor(name, array.astype(np.float16))
         else:
             w.add_tensor(name, array)
     for name, array in extra_tensors:
@@ -363,7 +365,8 @@ def test_tokenizer_ids_equal_transformers_gguf_tokenizer(tmp_path, pre):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gguf_loads_directly_with_its_blocks(tmp_path, arch):
-    from tinylora.kernels.weights import BF16Weight, GGMLWeight
+    from tinylora.kernels.quantized import GGMLWeight
+    from tinylora.kernels.weights import BF16Weight
     write_gguf(tmp_path / "tiny.gguf", arch=arch, tied=False, bf16=("attn_k", "ffn_up"))
     imported = G.import_gguf(tmp_path / "tiny.gguf", tmp_path / "out")          # dequantised to float32
     ids = np.array([[1, 5, 9, 3, 7], [2, 4, 6, 8, 1]])
@@ -399,3 +402,38 @@ def test_a_nan_block_scale_is_refused_at_load_naming_the_tensor(tmp_path):
     with pytest.raises(TinyloraError, match="bad.gguf: tensor 'blk.1.ffn_down.weight' \\(Q8_0\\) has NaN or inf "
                                             "block scales"):
         tl.load_model(tmp_path / "bad.gguf")
+
+
+def test_f16_tensors_keep_their_bits_and_other_types_are_refused_by_name(tmp_path):
+    from types import SimpleNamespace
+
+    from tinylora.kernels.quantized import F16Weight
+    original = write_gguf(tmp_path / "tiny.gguf", f16=("attn_v", "ffn_gate"))
+    model = tl.load_model(tmp_path / "tiny.gguf")
+    kept = {n: p.data for n, p in model.named_parameters() if isinstance(p.data, F16Weight)}
+    assert kept and all(n.endswith(("v_proj.weight", "gate_proj.weight")) for n in kept)
+    for name, w in kept.items():
+        assert np.array_equal(w.to_float(), original[name].astype(np.float16).astype(np.float32)), name
+    # A Q2_K (or IQ*, TQ*) tensor: one line naming the tensor and its type, before anything is dequantised
+    reader = gguf.GGUFReader(tmp_path / "tiny.gguf")
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    fake = SimpleNamespace(name=t.name, shape=t.shape, data=t.data, tensor_type=gguf.GGMLQuantizationType.Q2_K)
+    config = tl.load_model(tmp_path / "tiny.gguf").config
+    with pytest.raises(TinyloraError, match="tensor 'blk.0.ffn_up.weight' has type Q2_K, which tinylora does "
+                                            "not read"):
+        G.convert_tensors(SimpleNamespace(tensors=[fake]), tmp_path / "tiny.gguf", "llama",
+                          {"num_attention_heads": config.num_attention_heads,
+                           "num_key_value_heads": config.num_key_value_heads}, keep_blocks=True)
+
+
+def test_quantize_applies_to_float_gguf_projections_and_refuses_blocks(tmp_path):
+    from tinylora.kernels.quantized import NF4Weight
+    write_gguf(tmp_path / "float.gguf", quantised=(), f16=("attn_v",))
+    model = tl.load_model(tmp_path / "float.gguf", quantize="nf4")
+    storages = {n: p.data.storage for n, p in model.named_parameters() if hasattr(p.data, "storage")}
+    assert all(isinstance(p.data, NF4Weight) for n, p in model.named_parameters() if n.endswith("_proj.weight"))
+    assert storages["model.embed_tokens.weight"] == "float32"       # embeddings stay as they are, as in QLoRA
+    write_gguf(tmp_path / "q8.gguf")
+    with pytest.raises(TinyloraError, match="q8.gguf: the file is already quantised \\(q8_0\\); --quantize "
+                                            "applies to float checkpoints"):
+        tl.load_model(tmp_path / "q8.gguf", quantize="q4_0")

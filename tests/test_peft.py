@@ -72,7 +72,7 @@ def test_round_trip(base_dir, tmp_path, kwargs):
     save_adapter(model, tmp_path / "adapter")
 
     saved = read_safetensors(tmp_path / "adapter" / WEIGHTS_FILE)
-    assert read_metadata(tmp_path / "adapter" / WEIGHTS_FILE) == {"format": "pt"}
+    assert read_metadata(tmp_path / "adapter" / WEIGHTS_FILE) == {"format": "pt", "tinylora.base_weights": "float32"}
     params = dict(lora_parameters(model))
     assert sorted(saved) == sorted(params)
     for name, t in params.items():

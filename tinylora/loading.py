@@ -5,6 +5,8 @@
        tokenizer.json + tokenizer_config.json ──> Tokenizer
     file.gguf ──formats.gguf──> the same config, tensors (block-quantised matrices kept as
        their blocks) and tokenizer, built in memory
+    a bitsandbytes 4-bit folder ──formats.bnb──> its NF4 groups assembled into NF4Weights
+    quantize="nf4" | "q8_0" | "q4_0": a float checkpoint's projections quantised as each is read
 
 Only config, tokenizer, safetensors and GGUF files are ever read: no pickle, no
 remote code.
@@ -18,9 +20,12 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import TinyloraError
+from .formats.bnb import assemble_nf4, checkpoint_quantization
+from .formats.files import read_json
 from .formats.gguf import read_gguf
 from .formats.hub import resolve_model
 from .formats.safetensors import BFLOAT16, load_checkpoint
+from .kernels import quantized
 from .kernels.weights import BF16Weight, FrozenWeight
 from .model import CausalLM
 from .tokenizer import Tokenizer
@@ -28,21 +33,44 @@ from .tokenizer import Tokenizer
 DTYPES = {"float32": np.float32, "float64": np.float64, "bfloat16": np.float32}   # -> the compute dtype
 
 
-def as_read(dtype: str):
+def as_read(dtype: str, quantize: str | None = None):
     """The per-tensor conversion of a checkpoint read for `dtype` (load_checkpoint's `convert`).
 
     Applied to each tensor as it is read, so a checkpoint never exists in memory twice:
-    "bfloat16": matrices become BF16Weights (bf16 bits kept; floats rounded to nearest even);
+    quantize ("nf4", "q8_0", "q4_0"): the layers' projection matrices are quantised
+    (kernels/quantized.py); embeddings, lm_head and norms stay as `dtype` says, as QLoRA keeps them.
+    "bfloat16": float matrices become BF16Weights (bf16 bits kept; floats rounded to nearest even);
     otherwise: bfloat16 tensors are widened to float32 (exactly); the model casts the rest.
+    Integer tensors (a bitsandbytes checkpoint's packed bytes) pass through untouched.
     """
     def convert(name: str, a: np.ndarray):
+        if quantize and a.ndim == 2 and is_projection(name) and is_float_storage(a):
+            try:
+                return quantized.quantize(a.to_float() if isinstance(a, FrozenWeight) else a, quantize, name)
+            except ValueError as e:
+                raise TinyloraError(f"--quantize {quantize}: {e}") from None
+        if isinstance(a, FrozenWeight) or not is_float_storage(a):
+            return a
         if dtype == "bfloat16" and a.ndim == 2:
             return BF16Weight.from_array(a)
         return a.astype(np.float32) if a.dtype == BFLOAT16 else a
     return convert
 
 
-def load_model(name_or_path: str | Path, dtype: str = "float32", weights_dir: str | Path = "weights") -> CausalLM:
+def is_float_storage(a) -> bool:
+    """Floats of any width (a float array, bfloat16, or a 16-bit float weight), not blocks nor bytes."""
+    if isinstance(a, FrozenWeight):
+        return a.storage in ("float16", "bfloat16", "float32", "float64")
+    return a.dtype.kind == "f" or a.dtype == BFLOAT16
+
+
+def is_projection(name: str) -> bool:
+    """A decoder layer's q/k/v/o or gate/up/down matrix (what QLoRA quantises; LoRA's targets)."""
+    return name.startswith("model.layers.") and name.endswith("_proj.weight")
+
+
+def load_model(name_or_path: str | Path, dtype: str = "float32", weights_dir: str | Path = "weights",
+               quantize: str | None = None) -> CausalLM:
     """The model alone (no tokenizer needed).
 
     dtype: "float32" (default) computes and stores in float32; "bfloat16"
@@ -51,14 +79,25 @@ def load_model(name_or_path: str | Path, dtype: str = "float32", weights_dir: st
     decoded token, which is what bounds decoding speed. A bf16 checkpoint's
     bits are kept exactly; a float32 checkpoint is rounded to nearest even,
     as torch's .to(torch.bfloat16) does. "float64" is for gradient checks.
+    quantize: "nf4", "q8_0" or "q4_0" quantises a float checkpoint's projections as they are
+    read (as_read). A quantised checkpoint (GGUF blocks, bitsandbytes NF4) keeps its own storage,
+    and asking to quantise it again is an error.
     """
     if dtype not in DTYPES:
         raise TinyloraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize is not None and quantize not in quantized.QUANTIZE:
+        raise TinyloraError(f"--quantize must be one of {', '.join(quantized.QUANTIZE)}, got {quantize!r}")
     if _is_gguf(name_or_path):
-        return _load_gguf(Path(name_or_path), dtype)[0]
+        return _load_gguf(Path(name_or_path), dtype, quantize)[0]
     folder = resolve_model(name_or_path, weights_dir)
     config = ModelConfig.from_json(folder / "config.json")
-    tensors = load_checkpoint(folder, convert=as_read(dtype))
+    stored = checkpoint_quantization(read_json(folder / "config.json"), str(folder / "config.json"))
+    if stored and quantize:
+        raise TinyloraError(f"{folder}: the checkpoint is already quantised (bitsandbytes {stored}); "
+                            "--quantize applies to float checkpoints")
+    tensors = load_checkpoint(folder, convert=as_read(dtype, quantize))
+    if stored:
+        tensors = assemble_nf4(tensors, str(folder))
     model = CausalLM.from_state_dict(config, tensors, dtype=DTYPES[dtype], source=str(folder))
     model.name_or_path = str(name_or_path)     # what the user asked for (PEFT's base_model_name_or_path)
     model.folder = folder                      # where its files are (tokenizer files for `fuse`)
@@ -69,12 +108,18 @@ def _is_gguf(name_or_path) -> bool:
     return Path(name_or_path).suffix == ".gguf" and Path(name_or_path).is_file()
 
 
-def _load_gguf(path: Path, dtype: str) -> tuple[CausalLM, Tokenizer]:
-    """A GGUF file, straight: its block-quantised matrices stay blocks (GGMLWeight), the rest is float;
-    the tokenizer is built from its metadata, as `import-gguf` would write it."""
+def _load_gguf(path: Path, dtype: str, quantize: str | None = None) -> tuple[CausalLM, Tokenizer]:
+    """A GGUF file, straight: its block-quantised and 16-bit matrices stay as stored (GGMLWeight,
+    F16Weight, BF16Weight), the rest is float; the tokenizer is built from its metadata, as
+    `import-gguf` would write it. quantize applies only to a file whose projections are float32."""
     config, tensors, backend, tokenizer_config = read_gguf(path, keep_blocks=True)
-    convert = as_read(dtype)
-    tensors = {name: t if isinstance(t, FrozenWeight) else convert(name, t) for name, t in tensors.items()}
+    if quantize:
+        held = {t.storage for name, t in tensors.items() if is_projection(name) and not is_float_storage(t)}
+        if held:
+            raise TinyloraError(f"{path}: the file is already quantised ({', '.join(sorted(held))}); "
+                                "--quantize applies to float checkpoints")
+    convert = as_read(dtype, quantize)
+    tensors = {name: convert(name, t) for name, t in tensors.items()}
     model = CausalLM.from_state_dict(ModelConfig.from_dict(config), tensors, dtype=DTYPES[dtype], source=str(path))
     model.name_or_path, model.folder = str(path), None     # no folder of tokenizer files to copy from
     templates = Tokenizer.config_templates(tokenizer_config)
@@ -82,10 +127,14 @@ def _load_gguf(path: Path, dtype: str) -> tuple[CausalLM, Tokenizer]:
     return model, Tokenizer.from_parts(backend, tokenizer_config, templates, eos, str(path))
 
 
-def load(name_or_path: str | Path, dtype: str = "float32", weights_dir: str | Path = "weights"):
-    """-> (model, tokenizer) from a local Hugging Face-format folder, a hub repo id or a .gguf file."""
+def load(name_or_path: str | Path, dtype: str = "float32", weights_dir: str | Path = "weights",
+         quantize: str | None = None):
+    """-> (model, tokenizer) from a local Hugging Face-format folder, a hub repo id or a .gguf file.
+    quantize: "nf4", "q8_0" or "q4_0" to hold a float checkpoint's projections quantised (load_model)."""
     if _is_gguf(name_or_path):
-        return _load_gguf(Path(name_or_path), dtype)
+        if quantize is not None and quantize not in quantized.QUANTIZE:
+            raise TinyloraError(f"--quantize must be one of {', '.join(quantized.QUANTIZE)}, got {quantize!r}")
+        return _load_gguf(Path(name_or_path), dtype, quantize)
     folder = resolve_model(name_or_path, weights_dir)
     tokenizer = Tokenizer.from_folder(folder)          # checked first: a missing tokenizer fails fast
-    return load_model(name_or_path, dtype, weights_dir), tokenizer   # resolves to the same folder again
+    return load_model(name_or_path, dtype, weights_dir, quantize), tokenizer   # resolves to the same folder again

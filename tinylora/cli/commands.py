@@ -42,7 +42,7 @@ def _cmd_import_gguf(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from ..generate import GenerationStats, generate
     from ..loading import load
-    model, tok = load(args.model, dtype=args.dtype)
+    model, tok = load(args.model, dtype=args.dtype, quantize=args.quantize)
     _maybe_adapter(model, args)
     if args.ignore_chat_template:
         ids = tok.encode(((args.system + "\n\n") if args.system else "") + args.prompt)
@@ -62,7 +62,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from ..loading import load_model
     from .info import model_info
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, quantize=args.quantize)
     _maybe_adapter(model, args)
     print(model_info(model))
     if args.adapter_path:
@@ -76,7 +76,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from ..lora import fuse
-    out = fuse(args.model, args.adapter_path, args.save_path, dtype=args.dtype)
+    out = fuse(args.model, args.adapter_path, args.save_path, dtype=args.dtype, quantize=args.quantize)
     print(f"fused model written to {out}")
     return 0
 
@@ -143,7 +143,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..train.data import load_dataset
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     load_dataset(config.data)                    # a bad line fails here, before the slow model load
-    model, tok = load(config.model, dtype=config.dtype)
+    model, tok = load(config.model, dtype=config.dtype, quantize=config.quantize)
     result = train(config, model, tok)
     print(f"done: {result.steps} steps; adapter in {config.adapter_path}/"
           + (f", best validation loss {result.best_val:.3f} in {config.adapter_path}/best/"
@@ -199,6 +199,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{shared['model'].metadata['help']} (default {DEFAULT_MODEL})")
     p.add_argument("--adapter-path", default=None, help="a LoRA adapter folder (PEFT format) to apply")
     p.add_argument("--dtype", default=shared["dtype"].default, **shared["dtype"].metadata)
+    p.add_argument("--quantize", default=None, **shared["quantize"].metadata)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-path", required=True, help="the folder to write (must not be the model's own folder)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="dtype of the saved weights: fp32 (exact) or bf16 (half the size)")
+    p.add_argument("--quantize", default=None, choices=["nf4", "q8_0", "q4_0"],
+                   help="quantise the base as training did (--quantize of train): the adapter is merged onto "
+                   "the dequantised weights")
     p.set_defaults(func=_cmd_fuse)
 
     p = sub.add_parser("gradcheck", help="check every op's backward, and LoRA end to end, against finite differences",

@@ -18,20 +18,31 @@ def _group(name: str) -> str:
     return "other"
 
 
+def _storage(t) -> str:
+    """"nf4", "q4_k", "bfloat16", ... for a frozen weight; the dtype's name for a plain array."""
+    return t.data.storage if isinstance(t.data, FrozenWeight) else t.data.dtype.name
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
+
+
 def storage_bytes(model: CausalLM) -> dict[str, int]:
-    """{storage type: bytes held}: "bfloat16" for BF16Weights, the dtype's name for float arrays."""
+    """{storage type: bytes held} over every tensor of the model."""
     held: dict[str, int] = {}
     for _, t in model.named_parameters():
-        kind = t.data.storage if isinstance(t.data, FrozenWeight) else t.data.dtype.name
-        held[kind] = held.get(kind, 0) + t.data.nbytes
+        held[_storage(t)] = held.get(_storage(t), 0) + t.data.nbytes
     return held
 
 
 def model_info(model: CausalLM) -> str:
     c = model.config
     counts: dict[str, int] = {}
+    stored: dict[str, dict[str, int]] = {}          # group -> {storage type: bytes held}
     for name, t in model.named_parameters():
         counts[_group(name)] = counts.get(_group(name), 0) + t.size       # logical parameters, whatever the storage
+        kinds = stored.setdefault(_group(name), {})
+        kinds[_storage(t)] = kinds.get(_storage(t), 0) + t.data.nbytes
     total = sum(counts.values())
     trainable = sum(t.size for _, t in model.trainable_parameters())
     held = storage_bytes(model)
@@ -47,14 +58,15 @@ def model_info(model: CausalLM) -> str:
         f"rope theta:       {c.rope_theta:g}" + (f" (linear scaling x{c.rope_scaling_factor:g})"
                                                  if c.rope_scaling_factor != 1 else ""),
         f"rms norm eps:     {c.rms_norm_eps:g}",
-        f"weights held:     " + ", ".join(f"{kind} {n / 2**20:,.1f} MiB" for kind, n in sorted(held.items(),
+        f"weights held:     " + ", ".join(f"{kind} {_mib(n)}" for kind, n in sorted(held.items(),
                                                                                           key=lambda kv: -kv[1]))
-        + f" ({sum(held.values()) / 2**20:,.1f} MiB in all)",
+        + f" ({_mib(sum(held.values()))} in all)",
         "parameters:",
     ]
     for group in ("embeddings", "attention", "mlp", "norms", "other"):
         if group in counts:
-            lines.append(f"  {group:<14}  {counts[group]:>14,}  ({100 * counts[group] / total:5.2f}%)")
+            held_as = ", ".join(f"{kind} {_mib(n)}" for kind, n in sorted(stored[group].items()))
+            lines.append(f"  {group:<14}  {counts[group]:>14,}  ({100 * counts[group] / total:5.2f}%)  {held_as}")
     lines.append(f"  {'total':<14}  {total:>14,}")
     lines.append(f"  {'trainable':<14}  {trainable:>14,}")
     return "\n".join(lines)

@@ -45,10 +45,15 @@ import numpy as np
 
 from ..errors import TinyloraError
 from ..kernels import ggml
-from ..kernels.weights import BF16Weight, GGMLWeight
+from ..kernels.quantized import F16Weight, GGMLWeight
+from ..kernels.weights import BF16Weight
 from .files import atomic_folder, write_json, write_text
 from .gguf_tokenizer import build_tokenizer
 from .safetensors import write_safetensors
+
+# The tensor types a file may hold: floats, and the block formats of kernels/ggml.py. Others (Q2_K, Q3_K,
+# the IQ and TQ families) are refused by name rather than dequantised by code no test here checks.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", *ggml.BLOCK_BYTES)
 
 # general.architecture -> (config.json architectures[0], model_type)
 ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
@@ -216,15 +221,15 @@ def convert_tensors(reader, path: Path, arch: str, config: dict, keep_blocks: bo
                                     "scales; the file is damaged")
             tensors[name] = GGMLWeight(np.array(_hf_rows(blocks, n_head)), t.tensor_type.name, shape)   # a copy we own
             continue
-        if keep_blocks and t.tensor_type.name == "BF16" and len(shape) == 2:
-            bits = np.asarray(t.data).view(np.uint16).reshape(shape)          # bf16 as stored: bits kept
-            tensors[name] = BF16Weight(np.array(_hf_rows(bits, n_head)))
+        if keep_blocks and t.tensor_type.name in ("BF16", "F16") and len(shape) == 2:
+            bits = np.asarray(t.data).view(np.uint16).reshape(shape)          # 16-bit floats as stored: bits kept
+            kind = BF16Weight if t.tensor_type.name == "BF16" else F16Weight
+            tensors[name] = kind(np.array(_hf_rows(bits, n_head)))
             continue
-        try:
-            w = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise TinyloraError(f"{path}: tensor {t.name!r}: the gguf package cannot dequantise "
-                                f"type {t.tensor_type.name}") from None
+        if t.tensor_type.name not in SUPPORTED_TYPES:
+            raise TinyloraError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which tinylora does not "
+                                f"read (supported: {', '.join(SUPPORTED_TYPES)})")
+        w = dequantize(t.data, t.tensor_type)
         if w.shape != shape:
             raise TinyloraError(f"{path}: tensor {t.name!r}: dequantised to shape {w.shape}, "
                                 f"but its dimensions (ne) {list(t.shape)} say {shape}")

@@ -2,7 +2,7 @@
 
 A pretrained weight never changes during LoRA training, so it can be held in
 whatever form is cheapest: float32 as read, bf16 (half the bytes), or
-quantised blocks. Each storage format is a `FrozenWeight` subclass that knows
+quantised blocks (kernels/quantized.py). Each storage format is a `FrozenWeight` subclass that knows
 
     shape, size        its logical (O, I) and O·I parameters, whatever the bytes
     nbytes             the bytes it holds
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ggml
 from .bf16 import bf16_to_f32, f32_to_bf16, gemv_bf16, widen_rows
 
 # A fused GEMV's cost grows with N (one dot product per row of x and row of W), the tiled
@@ -175,46 +174,6 @@ class BF16Weight(FrozenWeight):
 
     def to_bf16_bits(self):
         return self.bits
-
-
-class GGMLWeight(FrozenWeight):
-    """A matrix in one of llama.cpp's block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), as stored.
-
-    blocks: (O, I / block weights · block bytes) uint8, one row of blocks per output row (kernels/ggml.py).
-    """
-
-    def __init__(self, blocks: np.ndarray, qtype: str, shape: tuple[int, int]):
-        O, I = shape
-        if qtype not in ggml.BLOCK_BYTES:
-            raise TypeError(f"GGMLWeight: unknown block type {qtype!r} (known: {', '.join(ggml.BLOCK_BYTES)})")
-        per_row = I // ggml.BLOCK_WEIGHTS[qtype] * ggml.BLOCK_BYTES[qtype]
-        if I % ggml.BLOCK_WEIGHTS[qtype] or blocks.dtype != np.uint8 or blocks.shape != (O, per_row):
-            raise TypeError(f"GGMLWeight: {qtype} blocks for ({O}, {I}) must be ({O}, {per_row}) uint8, "
-                            f"got {blocks.dtype} {blocks.shape}")
-        self.blocks = np.ascontiguousarray(blocks)
-        self.qtype = qtype
-        self.storage = qtype.lower()
-        self.shape = (O, I)
-
-    @property
-    def nbytes(self) -> int:
-        return self.blocks.nbytes
-
-    def _widen(self, rows: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-        if out is None:
-            out = np.empty((rows.size, self.shape[1]), dtype=np.float32)
-        ggml.widen_rows(self.blocks, ggml.KINDS[self.qtype], rows, out, ggml.HALF)
-        return out[:rows.size]
-
-    def rows(self, start, stop, out=None):
-        return self._widen(np.arange(start, stop, dtype=np.int64), out)
-
-    def gather(self, ids):
-        flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
-        return self._widen(flat, None).reshape(ids.shape + (self.shape[1],))
-
-    def gemv(self, x, bias=None):
-        return ggml.gemv_blocks(x, self.blocks, ggml.KINDS[self.qtype], ggml.HALF, bias)
 
 
 def as_weight(w) -> FrozenWeight:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from ..kernels.bf16 import f32_to_bf16
 from ..kernels.weights import as_weight
 from ..loading import load_model
 from .inject import lora_layers, merge
-from .peft import load_adapter
+from .peft import base_weights, load_adapter
 
 # Files copied as they are from the source folder, when it has them.
 TOKENIZER_FILES = TOKENIZER_AND_GENERATION_FILES      # copied next to the merged weights
@@ -93,6 +94,7 @@ def save_model(model, out_dir: str | os.PathLike, dtype: str = "float32", overwr
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
     for key in keys:
         config[key] = dtype
+    config.pop("quantization_config", None)     # the weights written are floats, whatever the source held
 
     with atomic_folder(out_dir, overwrite=overwrite) as staging:
         write_json(staging / "config.json", config)
@@ -104,11 +106,13 @@ def save_model(model, out_dir: str | os.PathLike, dtype: str = "float32", overwr
 
 
 def fuse(model_path: str | os.PathLike, adapter_path: str | os.PathLike, save_path: str | os.PathLike,
-         dtype: str = "float32", overwrite: bool = False) -> Path:
+         dtype: str = "float32", overwrite: bool = False, quantize: str | None = None) -> Path:
     """Base model + PEFT adapter -> a merged Hugging Face-format folder at save_path (`tinylora fuse`).
 
     The base model is loaded in float32 whatever `dtype` says: ΔW is merged at
-    full precision and rounded once, on writing.
+    full precision and rounded once, on writing. A quantised base (a bitsandbytes checkpoint, or
+    `quantize`, the base an adapter trained with --quantize saw) is dequantised, and the merge
+    written as float: a warning says the weights are not the float model's.
     """
     if dtype not in DTYPES:
         raise TinyloraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -116,7 +120,12 @@ def fuse(model_path: str | os.PathLike, adapter_path: str | os.PathLike, save_pa
     if not overwrite and save_path.exists() and (not save_path.is_dir() or any(save_path.iterdir())):
         # checked before the (slow) load and merge; save_model checks again when it writes
         raise TinyloraError(f"{save_path}: already exists and is not empty; choose a new folder or remove it")
-    model = load_model(model_path, dtype="float32")
+    model = load_model(model_path, dtype="float32", quantize=quantize)
     load_adapter(model, adapter_path)
+    stored = base_weights(model)
+    if stored not in ("float32", "bfloat16", "float16"):
+        warnings.warn(f"fuse: the base's projections are held as {stored}: the merged weights are its "
+                      f"dequantised values plus the update, written as {DTYPES[dtype]}, not the float "
+                      "model's weights plus the update", stacklevel=2)
     merge(model)
     return save_model(model, save_path, dtype=dtype, overwrite=overwrite)

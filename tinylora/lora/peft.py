@@ -6,7 +6,9 @@ An adapter folder, as PEFT's `save_pretrained` writes it, is two files:
                                  "target_modules": ["q_proj", "v_proj"], "layers_to_transform": null, ...}
     adapter_model.safetensors   base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight  (R, in)
                                 base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight  (out, R)
-                                ... one A and one B per adapted projection; metadata {"format": "pt"}
+                                ... one A and one B per adapted projection; metadata {"format": "pt",
+                                "tinylora.base_weights": "nf4"} (the base's storage: loading the adapter
+                                onto a base of another precision works, with a one-line warning)
 
 The key is `base_model.model.` + the parameter's dotted path in the model,
 which is why tinylora's module names are Hugging Face's: `lora_parameters`
@@ -29,13 +31,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import TinyloraError
 from ..formats.files import atomic_write, read_json
-from ..formats.safetensors import check_tensors, is_float, read_safetensors, write_safetensors
+from ..formats.safetensors import check_tensors, is_float, read_metadata, read_safetensors, write_safetensors
 from .config import PEFT_PREFIX, TARGETS, LoraConfig
 from .inject import apply_lora, lora_layers, lora_parameters
 
@@ -98,8 +101,21 @@ def save_adapter(model, folder: str | os.PathLike) -> Path:
     # instant between the two renames).
     with atomic_write(folder / CONFIG_FILE) as f:
         f.write(text.encode("utf-8"))
-        write_safetensors(folder / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+        write_safetensors(folder / WEIGHTS_FILE, tensors, metadata={"format": "pt", BASE_KEY: base_weights(model)})
     return folder
+
+
+# The storage of the base projections an adapter was trained on ("nf4", "q4_k,q6_k", "bfloat16",
+# "float32"), kept in the weights file's metadata: PEFT reads adapter_config.json strictly and warns
+# about any key it does not know, but ignores safetensors metadata.
+BASE_KEY = "tinylora.base_weights"
+
+
+def base_weights(model) -> str:
+    """The storage types of the model's frozen projection weights, sorted and comma-joined."""
+    kinds = {getattr(t.data, "storage", t.data.dtype.name) for name, t in model.named_parameters()
+             if "_proj." in name and name.endswith(".weight") and "lora_" not in name}
+    return ",".join(sorted(kinds))
 
 
 def adapter_config_dict(config: LoraConfig, base_model_name_or_path: str | None = None) -> dict:
@@ -141,6 +157,10 @@ def load_adapter(model, folder: str | os.PathLike):
     tensors = _check_tensors(weights_path, read_safetensors(weights_path), expected_shapes(model, config),
                              n_layers=len(model.model.layers))
 
+    trained_on, here = read_metadata(weights_path).get(BASE_KEY), base_weights(model)
+    if trained_on and trained_on != here:
+        warnings.warn(f"{folder}: the adapter was trained on a base held as {trained_on}; this base is "
+                      f"{here}, so its outputs will differ somewhat from the trained model's", stacklevel=2)
     apply_lora(model, config)
     for name, param in lora_parameters(model):
         param.data = np.ascontiguousarray(tensors[name], dtype=model.dtype)

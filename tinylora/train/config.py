@@ -32,6 +32,9 @@ class TrainConfig:
     dtype: str = setting("float32", "float32 (exact), or bfloat16 to store the frozen weights in bf16: half the "
                          "memory (a float32 checkpoint is rounded); computation stays float32",
                          choices=["float32", "bfloat16"])
+    quantize: str | None = setting(None, "hold the frozen projections quantised, as QLoRA: nf4 (bitsandbytes' "
+                                   "format), q8_0 or q4_0 (llama.cpp's); a float checkpoint is quantised as it is "
+                                   "read (default: as stored)", choices=["nf4", "q8_0", "q4_0"])
     adapter_path: str = setting("adapters", "where the adapter, checkpoints and log go")
     rank: int = setting(8, "LoRA rank r")
     alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / r")
