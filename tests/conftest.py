@@ -56,3 +56,25 @@ def transformers_gguf(smollm2_gguf):
                                                               dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def requantised_gguf(smollm2_gguf, tmp_path_factory):
+    """kind ("Q8_0", "Q4_K_M") -> the SmolLM2 GGUF rewritten in that type by llama.cpp's own quantiser
+    (llama-cpp-python's llama_model_quantize, from the Q4_1 file: the types a user's file holds,
+    Q4_K_M's Q4_K/Q6_K/Q5_0/Q8_0 mix included). Skips without llama-cpp-python."""
+    made = {}
+
+    def make(kind: str) -> Path:
+        if kind not in made:
+            import ctypes
+            llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (reference extra) not installed")
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
+            params.allow_requantize = True
+            out = tmp_path_factory.mktemp("gguf") / f"SmolLM2-135M-Instruct.{kind}.gguf"
+            if llama_cpp.llama_model_quantize(str(smollm2_gguf).encode(), str(out).encode(), ctypes.byref(params)):
+                raise RuntimeError(f"llama_model_quantize failed to write {out}")
+            made[kind] = out
+        return made[kind]
+    return make

@@ -157,6 +157,16 @@ def test_end_to_end_gradcheck_of_every_a_and_b():
     assert leaked == []
 
 
+def test_end_to_end_gradcheck_on_a_quantised_base():
+    # QLoRA: every projection a quantised frozen weight (NF4, Q8_0, Q4_0, Q4_K, Q6_K, Q5_1), kept as blocks
+    result, leaked = check_lora_model(seed=1, entries=2, quantised=True)
+    assert_gradcheck(result, "LoRA on a quantised base")
+    assert len(result.checks) == 28 * 2 + 1 and leaked == []
+    model = tiny_lora_model(quantised=True)
+    storages = {p.data.storage for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
+    assert storages == {"nf4", "q8_0", "q4_0", "q4_k", "q6_k", "q5_1"}
+
+
 def test_frozen_weights_get_no_gradient_and_b_zero_gives_a_zero():
     model = base_model(np.float64)
     apply_lora(model, LoraConfig(r=2, target_modules="all-linear"))

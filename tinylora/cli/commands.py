@@ -102,6 +102,14 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
         print(result.table())
         print(f"frozen tensors holding a gradient: {', '.join(leaked) if leaked else 'none'}")
         ok &= result.ok and not leaked
+        from ..gradcheck.model_check import QUANTISED_BASE
+        print("\nQLoRA: the same on a tiny Llama (rows of 256) whose frozen projections are quantised blocks,\n"
+              "one type each: " + ", ".join(f"{p} {k.lower()}" for p, k in QUANTISED_BASE.items())
+              + " (float64 through the exactly dequantised weights).\n")
+        result, leaked = check_lora_model(seed=args.seed, quantised=True)
+        print(result.table())
+        print(f"frozen blocks holding a gradient or no longer blocks: {', '.join(leaked) if leaked else 'none'}")
+        ok &= result.ok and not leaked
     return 0 if ok else 1
 
 
