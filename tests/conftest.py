@@ -67,14 +67,9 @@ def requantised_gguf(smollm2_gguf, tmp_path_factory):
 
     def make(kind: str) -> Path:
         if kind not in made:
-            import ctypes
-            llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (reference extra) not installed")
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
-            params.allow_requantize = True
+            pytest.importorskip("llama_cpp", reason="llama-cpp-python (reference extra) not installed")
+            from tinylora.bench.quantised import llama_cpp_quantize
             out = tmp_path_factory.mktemp("gguf") / f"SmolLM2-135M-Instruct.{kind}.gguf"
-            if llama_cpp.llama_model_quantize(str(smollm2_gguf).encode(), str(out).encode(), ctypes.byref(params)):
-                raise RuntimeError(f"llama_model_quantize failed to write {out}")
-            made[kind] = out
+            made[kind] = llama_cpp_quantize(smollm2_gguf, out, kind)
         return made[kind]
     return make

@@ -26,13 +26,19 @@ def test_workloads_cover_the_spec():
     rows = bench.workloads()
     names = [w.name for w in rows]
     assert len(set(names)) == len(names)
-    heads = [w for w in rows if w.seq == 128 and w.dtype == "bfloat16"]
+    heads = [w for w in rows if w.seq == 128 and w.dtype == "bfloat16" and not w.base]
     assert {(w.kind, w.model, w.targets) for w in heads} == {
         ("train", "smollm2", tuple(ALL_SEVEN)), ("train", "smollm2", ("q_proj", "v_proj")),
         ("train", "qwen2.5-0.5b", tuple(ALL_SEVEN)), ("decode", "smollm2", tuple(ALL_SEVEN)),
         ("decode", "qwen2.5-0.5b", tuple(ALL_SEVEN))}
     assert sorted(w.seq for w in rows if w.kind == "train" and w.targets == tuple(ALL_SEVEN)
-                  and w.model == "smollm2" and w.dtype == "bfloat16") == [128, 512, 1024, 2048]
+                  and w.model == "smollm2" and w.dtype == "bfloat16" and not w.base) == [128, 512, 1024, 2048]
+    based = {(w.kind, w.model, w.base): w.peers for w in rows if w.base}        # the QLoRA rows
+    assert based == {("train", "smollm2", "Q4_K_M"): ("tinylora-bf16",),
+                     ("train", "smollm2", "nf4"): ("tinylora-bf16", "peft-bnb4"),
+                     ("train", "llama-2-7b", "nf4"): (),
+                     ("decode", "smollm2", "Q8_0"): ("tinylora-bf16", "llama.cpp"),
+                     ("decode", "smollm2", "Q4_K_M"): ("tinylora-bf16", "llama.cpp")}
     assert max(w.seq for w in bench.workloads(max_seq=512)) == 512
 
 
@@ -62,6 +68,40 @@ def test_table_and_targets():
     assert "MISS  train B: MFU 55 % (target ≥ 60 %)" in lines
     assert "met   decode C: speed 2.50× (target ≥ 2.0×)" in lines
     assert not any("long" in line for line in lines)             # targets are set at 2 x 128 only
+
+
+def test_quantised_rows_table_and_targets():
+    def side(tps, rss):
+        return {"tokens_per_s": tps, "peak_rss_gb": rss, "error": None, "versions": "v"}
+    rows = [{"workload": "train Q", "kind": "train", "model": "smollm2", "seq": 128, "base": "nf4",
+             "gemm_gflops": 200.0, "tinylora": side(90.0, 0.4), "tinylora-bf16": side(100.0, 1.0),
+             "ratios": {"tinylora-bf16": {"speed": 0.9, "rss": 0.4}}},
+            {"workload": "decode G", "kind": "decode", "model": "smollm2", "seq": 128, "base": "Q8_0",
+             "gemm_gflops": 200.0, "tinylora": side(120.0, 0.3), "llama.cpp": side(160.0, 0.2),
+             "ratios": {"llama.cpp": {"speed": 0.75, "rss": 1.5}}},
+            {"workload": "train 7B", "kind": "train", "model": "llama-2-7b", "seq": 256, "base": "nf4",
+             "gemm_gflops": 200.0, "tinylora": side(4.0, 5.5), "ratios": {}}]
+    table = bench.format_table({"machine": {"cpu": "C", "cores": 2, "python": "3", "blas": "b", "env": {}},
+                                "rows": rows})
+    assert "| train Q | 90.0 | tinylora, bf16 base | 100.0 | 0.90× | 0.40 GB | 1.00 GB | 0.40× |" in table
+    assert "met   train Q: speed 0.90× tinylora, bf16 base (target ≥ 0.85×)" in table
+    assert "met   train Q: rss 0.40× tinylora, bf16 base (target ≤ 0.5×)" in table
+    assert "MISS  decode G: speed 0.75× llama.cpp (target ≥ 0.8×)" in table
+    assert "met   train 7B: peak RSS 5.50 GB (target ≤ 6 GB), 4.0 tokens/s" in table
+
+
+def test_peers_start_without_the_environment_tinylora_sets(monkeypatch):
+    import os
+
+    import tinylora.kernels
+    monkeypatch.setattr(tinylora.kernels, "OMP_WAIT_POLICY_BEFORE", None)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    with bench.peer_environment():
+        assert "OMP_WAIT_POLICY" not in os.environ
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setattr(tinylora.kernels, "OMP_WAIT_POLICY_BEFORE", "ACTIVE")     # the user's own choice
+    with bench.peer_environment():
+        assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_a_failing_worker_is_a_table_cell_not_a_crash():

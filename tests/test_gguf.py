@@ -383,12 +383,24 @@ def test_gguf_loads_directly_with_its_blocks(tmp_path, arch):
     assert all(w.nbytes == w.size // 32 * 34 for w in blocks.values())         # 34 bytes per 32 weights, as stored
 
 
-def test_saving_a_merged_gguf_base_is_refused_in_one_line(tmp_path):
+def test_a_gguf_base_saves_as_a_float_folder_and_import_can_keep_the_blocks(tmp_path):
     write_gguf(tmp_path / "tiny.gguf")
     model = tl.load_model(tmp_path / "tiny.gguf")
-    with pytest.raises(TinyloraError, match="fusing onto a GGUF base is not supported yet; `tinylora import-gguf`"):
-        tl.save_model(model, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    ids = np.array([[1, 5, 9, 3, 7]])
+    with tl.no_grad():
+        expected = model(ids).data
+    tl.save_model(model, tmp_path / "out")                       # a fused GGUF base: dequantised floats
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
+                                                             "tokenizer_config.json", "generation_config.json"}
+    reread, _ = tl.load(tmp_path / "out")
+    kept = G.import_gguf(tmp_path / "tiny.gguf", tmp_path / "kept", keep_quantization=True)
+    assert (kept / "model.gguf").read_bytes() == (tmp_path / "tiny.gguf").read_bytes()
+    blocks, tok = tl.load(kept)
+    assert {p.data.storage for n, p in blocks.named_parameters() if n.endswith("down_proj.weight")} == {"q8_0"}
+    assert blocks.folder == kept and tok.encode("hello") == tl.load(tmp_path / "tiny.gguf")[1].encode("hello")
+    with tl.no_grad():
+        assert np.abs(reread(ids).data - expected).max() < 1e-5
+        assert np.abs(blocks(ids).data - expected).max() == 0
 
 
 def test_a_nan_block_scale_is_refused_at_load_naming_the_tensor(tmp_path):

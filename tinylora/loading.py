@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .errors import TinyloraError
 from .formats.bnb import assemble_nf4, checkpoint_quantization
 from .formats.files import read_json
-from .formats.gguf import read_gguf
+from .formats.gguf import GGUF_IN_FOLDER, read_gguf
 from .formats.hub import resolve_model
 from .formats.safetensors import BFLOAT16, load_checkpoint
 from .kernels import quantized
@@ -90,6 +90,10 @@ def load_model(name_or_path: str | Path, dtype: str = "float32", weights_dir: st
     if _is_gguf(name_or_path):
         return _load_gguf(Path(name_or_path), dtype, quantize)[0]
     folder = resolve_model(name_or_path, weights_dir)
+    if (folder / GGUF_IN_FOLDER).is_file() and not any(folder.glob("*.safetensors")):
+        model = _load_gguf(folder / GGUF_IN_FOLDER, dtype, quantize)[0]     # import-gguf --keep-quantization
+        model.name_or_path, model.folder = str(name_or_path), folder
+        return model
     config = ModelConfig.from_json(folder / "config.json")
     stored = checkpoint_quantization(read_json(folder / "config.json"), str(folder / "config.json"))
     if stored and quantize:

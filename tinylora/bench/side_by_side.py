@@ -36,6 +36,7 @@ How it measures, and why:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import multiprocessing
 import os
@@ -45,8 +46,9 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
+from . import quantised
 from .kernels import blas_info, time_call
-from .workers import ALL_SEVEN, LORA_R, QWEN25_05B, Workload, serve
+from .workers import ALL_SEVEN, LORA_R, RANDOM, Workload, serve
 
 SEQ_LENGTHS = (128, 512, 1024, 2048)
 TARGETS = {"train": 1.2, "decode": 2.0}       # tokens/s ratio vs the peer at least
@@ -68,7 +70,7 @@ def workloads(max_seq: int = 2048) -> list[Workload]:
         if T <= max_seq:          # long sequences: fewer repetitions (a step of 2 x 2048 takes ~30 s)
             rows.append(Workload(f"train SmolLM2-135M, all seven, 2 x {T}", "train", "smollm2", seq=T,
                                  dtype=bf16, repeats=3 if T <= 512 else 2))
-    return rows
+    return rows + quantised.workloads()      # 4-bit bases and GGUF decoding (bench/quantised.py)
 
 
 def train_flops_per_token(config: ModelConfig, targets, r: int, T: int) -> float:
@@ -99,10 +101,32 @@ def gemm_gflops(n: int = GEMM_N, calls: int = 3) -> float:
     return 2.0 * n ** 3 / best / 1e9
 
 
-def peer_available() -> str | None:
-    """None if PyTorch, transformers and PEFT are importable, else why not."""
-    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+PEER_MODULES = {"peft": ("torch", "transformers", "peft"), "peft-bnb4": ("torch", "transformers", "peft", "bitsandbytes"),
+                "llama.cpp": ("llama_cpp",), "tinylora-bf16": ()}
+
+
+def peer_available(side: str = "peft") -> str | None:
+    """None if a peer's libraries are importable (PyTorch, transformers and PEFT by default), else why not."""
+    missing = [m for m in PEER_MODULES[side] if importlib.util.find_spec(m) is None]
     return f"not installed: {', '.join(missing)} (pip install -e '.[reference]')" if missing else None
+
+
+@contextlib.contextmanager
+def peer_environment():
+    """os.environ as the user had it, for starting a peer's process: tinylora's kernels set
+    OMP_WAIT_POLICY=PASSIVE in this process (kernels/__init__.py), and a peer that inherits it runs
+    as its users never run it (PyTorch trains 15-30 % slower with it)."""
+    from ..kernels import OMP_WAIT_POLICY_BEFORE
+    ours = os.environ.get("OMP_WAIT_POLICY")
+    if OMP_WAIT_POLICY_BEFORE is None:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY_BEFORE
+    try:
+        yield
+    finally:
+        if ours is not None:
+            os.environ["OMP_WAIT_POLICY"] = ours
 
 
 class _Worker:
@@ -112,7 +136,8 @@ class _Worker:
         self.side, self.error, self.versions = side, None, ""
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=serve, args=(side, workload, model_dir, child), daemon=True)
-        self.process.start()
+        with contextlib.nullcontext() if side.startswith("tinylora") else peer_environment():
+            self.process.start()
         child.close()
         reply = self._recv()
         if reply is not None:
@@ -149,7 +174,11 @@ class _Worker:
 def run_workload(workload: Workload, repeats: int, model_dir: str | None, peer: bool) -> dict:
     """Time one workload on both sides, alternating -> its result row (see the module docstring)."""
     ctx = multiprocessing.get_context("spawn")
-    sides = ["tinylora"] + (["peft"] if peer else [])
+    sides = ["tinylora"] + [p for p in workload.peers if (peer or p.startswith("tinylora"))
+                            and peer_available(p) is None]
+    if workload.base and workload.base != "nf4" and model_dir:
+        from .quantised import ensure_gguf
+        ensure_gguf(model_dir, workload.base)           # llama.cpp writes the file once, beside SmolLM2
     workers = [_Worker(ctx, side, workload, model_dir) for side in sides]
     speeds = {side: [] for side in sides}
     gemm = []
@@ -159,7 +188,7 @@ def run_workload(workload: Workload, repeats: int, model_dir: str | None, peer: 
             if speed is not None:
                 speeds[w.side].append(speed)
         gemm.append(gemm_gflops())
-    row = {"workload": workload.name, "kind": workload.kind, "model": workload.model,
+    row = {"workload": workload.name, "kind": workload.kind, "model": workload.model, "base": workload.base,
            "batch": workload.batch, "seq": workload.seq, "targets": list(workload.targets),
            "gemm_gflops": float(np.median(gemm))}
     for w in workers:
@@ -167,18 +196,24 @@ def run_workload(workload: Workload, repeats: int, model_dir: str | None, peer: 
         row[w.side] = {"tokens_per_s": float(np.median(speeds[w.side])) if speeds[w.side] else None,
                        "repeats": speeds[w.side], "peak_rss_gb": rss, "error": w.error, "versions": w.versions}
     ours, theirs = row["tinylora"], row.get("peft")
-    if workload.kind == "train":
+    if workload.kind == "train" and (workload.model == "smollm2" or workload.model in RANDOM):
         config = (ModelConfig.from_json(Path(model_dir) / "config.json") if workload.model == "smollm2"
-                  else ModelConfig.from_dict(QWEN25_05B))
+                  else ModelConfig.from_dict(RANDOM[workload.model]))
         flops = train_flops_per_token(config, workload.targets, LORA_R, workload.seq)
         row["flops_per_token"] = flops
-        for side in [ours] + ([theirs] if theirs else []):
-            side["mfu"] = (flops * side["tokens_per_s"] / (row["gemm_gflops"] * 1e9)
-                           if side["tokens_per_s"] else None)
-    if theirs and ours["tokens_per_s"] and theirs["tokens_per_s"]:
-        row["speed_ratio"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
-    if theirs and ours["peak_rss_gb"] and theirs["peak_rss_gb"]:
-        row["rss_ratio"] = ours["peak_rss_gb"] / theirs["peak_rss_gb"]
+        for side in sides:
+            r = row[side]
+            r["mfu"] = flops * r["tokens_per_s"] / (row["gemm_gflops"] * 1e9) if r["tokens_per_s"] else None
+    row["ratios"] = {}                                   # tinylora / each other side
+    for side in sides[1:]:
+        other = row[side]
+        row["ratios"][side] = {
+            "speed": ours["tokens_per_s"] / other["tokens_per_s"] if ours["tokens_per_s"] and other["tokens_per_s"]
+            else None,
+            "rss": ours["peak_rss_gb"] / other["peak_rss_gb"] if ours["peak_rss_gb"] and other["peak_rss_gb"]
+            else None}
+    if theirs:
+        row["speed_ratio"], row["rss_ratio"] = row["ratios"]["peft"]["speed"], row["ratios"]["peft"]["rss"]
     return row
 
 
@@ -205,7 +240,7 @@ def run_bench(rows: list[Workload], repeats: int = 5, model_dir: str | None = No
     for workload in rows:
         row = run_workload(workload, repeats, model_dir, peer=reason is None)
         result["rows"].append(row)
-        log(format_row(row))
+        log("\n".join(quantised.format_rows([row])[2:]) if row["base"] else format_row(row))
     return result
 
 
@@ -242,11 +277,17 @@ def format_table(result: dict) -> str:
     gemm = [r["gemm_gflops"] for r in result["rows"]]
     lines.append(f"fp32 GEMM peak (np.matmul {GEMM_N}², median per workload): "
                  f"{min(gemm):.0f}–{max(gemm):.0f} GFLOP/s" if gemm else "")
-    lines += ["", HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
-    lines += [format_row(r) for r in result["rows"]]
-    lines += ["", "Ratios are tinylora / PyTorch+PEFT (speed: higher is better; RSS: lower is better), "
-              "each the median of alternated repetitions; MFU against the measured GEMM peak."]
-    lines += [""] + check_targets(result)
+    plain = [r for r in result["rows"] if not r.get("base")]
+    based = [r for r in result["rows"] if r.get("base")]
+    if plain:
+        lines += ["", HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
+        lines += [format_row(r) for r in plain]
+        lines += ["", "Ratios are tinylora / PyTorch+PEFT (speed: higher is better; RSS: lower is better), "
+                  "each the median of alternated repetitions; MFU against the measured GEMM peak."]
+    if based:
+        lines += ["", "Quantised bases: tinylora on the base named vs each side it is measured against "
+                  "(ratios tinylora / that side)", ""] + quantised.format_rows(based)
+    lines += [""] + check_targets(result) + quantised.check_targets(based)
     return "\n".join(lines)
 
 
@@ -254,7 +295,7 @@ def check_targets(result: dict) -> list[str]:
     """One line per SPEC §4 target on the 2 x 128 workloads: met or not, with the figure."""
     out = []
     for r in result["rows"]:
-        if r["seq"] != 128:
+        if r["seq"] != 128 or r.get("base"):          # quantised bases: quantised.check_targets
             continue
         if r.get("speed_ratio") is not None:
             goal = TARGETS[r["kind"]]

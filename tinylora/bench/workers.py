@@ -8,8 +8,12 @@ seconds it took and the tokens it processed. At the end it reports the
 process's peak resident memory, which therefore covers exactly one
 library and one workload: loading, building and running it.
 
-    side "tinylora": CausalLM + apply_lora + AdamW from this package
-    side "peft":     transformers' model + PEFT's get_peft_model + torch.optim.AdamW
+    side "tinylora":      CausalLM + apply_lora + AdamW from this package (its base as the workload says:
+                          bf16 or float32 weights, a quantised GGUF file, or --quantize nf4)
+    side "tinylora-bf16": the same, on the bf16 base: what a quantised base is measured against
+    side "peft":          transformers' model + PEFT's get_peft_model + torch.optim.AdamW
+    side "peft-bnb4":     the same on a bitsandbytes NF4 base (BitsAndBytesConfig, QLoRA as users run it)
+    side "llama.cpp":     llama-cpp-python decoding the workload's GGUF file (decoding only)
 
 Both sides run the same work: the same checkpoint (or the same config for
 a random-init model), LoRA r=8, alpha=16, no dropout, on the same targets;
@@ -22,9 +26,11 @@ physical cores), as NumPy's BLAS and Numba do.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -54,6 +60,8 @@ class Workload:
     prompt: int = 28                   # decode: prompt tokens, then new tokens
     new: int = 64
     dtype: str = "float32"             # tinylora's weight storage (load_model's dtype); the peer's is fp32
+    base: str | None = None            # a quantised base: "nf4" (--quantize), or a GGUF type ("Q4_K_M", "Q8_0")
+    peers: tuple[str, ...] = ("peft",)  # the other sides, each in its own process (see the module docstring)
     repeats: int | None = None         # None: the bench's --repeats
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -63,7 +71,20 @@ class Workload:
         return self.batch * self.seq if self.kind == "train" else self.new
 
 
-MODELS = ("smollm2", "qwen2.5-0.5b")
+# Llama-2-7B's config.json (the shapes only): 32 layers, hidden 4096, MLP 11008, 32 heads of 128,
+# a 32000-word vocabulary, untied embeddings.
+LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": 32000, "tie_word_embeddings": False,
+}
+MODELS = ("smollm2", "qwen2.5-0.5b", "llama-2-7b")
+RANDOM = {"qwen2.5-0.5b": QWEN25_05B, "llama-2-7b": LLAMA2_7B}
+
+
+def gguf_path(model_dir: str, kind: str) -> Path:
+    """Where the SmolLM2 GGUF of type `kind` lives: beside the SmolLM2 folder (bench/quantised.py writes it)."""
+    return Path(model_dir).parent / f"SmolLM2-135M-Instruct.{kind}.gguf"
 
 
 def _check(workload: Workload) -> None:
@@ -80,7 +101,18 @@ def _batch(workload: Workload, vocab: int) -> np.ndarray:
 
 
 # -- tinylora ------------------------------------------------------------------------------------
-def _tinylora_runner(workload: Workload, model_dir: str | None):
+def _random_quantised(config, kind: str, dtype: str, rng: np.random.Generator) -> dict:
+    """A random checkpoint built one tensor at a time, each projection quantised as soon as it exists:
+    a 7B model never exists in float32 (27 GB), as --quantize reads a real checkpoint."""
+    from ..loading import as_read
+    from ..model import expected_shapes
+    convert = as_read(dtype, kind)
+    return {name: convert(name, rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02) if len(shape) == 2
+                          else np.ones(shape, np.float32))
+            for name, shape in expected_shapes(config).items()}
+
+
+def _tinylora_runner(workload: Workload, model_dir: str | None, bf16_base: bool = False):
     from ..config import ModelConfig
     from ..generate import stream_generate
     from ..lora import LoraConfig, apply_lora, lora_parameters
@@ -89,12 +121,19 @@ def _tinylora_runner(workload: Workload, model_dir: str | None):
     from ..optim import AdamW
 
     _check(workload)
-    if workload.model == "smollm2":
-        model = load_model(model_dir, dtype=workload.dtype)
+    base = None if bf16_base else workload.base
+    dtype = "bfloat16" if bf16_base else workload.dtype
+    if workload.model == "smollm2" and base and base != "nf4":
+        model = load_model(gguf_path(model_dir, base))                    # the GGUF's blocks, as stored
+    elif workload.model == "smollm2":
+        model = load_model(model_dir, dtype=dtype, quantize=base)
     else:
-        config = ModelConfig.from_dict(QWEN25_05B, source="Qwen2.5-0.5B shape")
-        tensors = random_state_dict(config, np.random.default_rng(0), bf16=workload.dtype == "bfloat16")
+        config = ModelConfig.from_dict(RANDOM[workload.model], source=f"{workload.model} shape")
+        rng = np.random.default_rng(0)
+        tensors = (_random_quantised(config, base, dtype, rng) if base
+                   else random_state_dict(config, rng, bf16=dtype == "bfloat16"))
         model = CausalLM.from_state_dict(config, tensors)
+        del tensors
     ids = _batch(workload, model.config.vocab_size)
     if workload.kind == "decode":
         prompt = [int(t) for t in ids[0]]
@@ -116,7 +155,7 @@ def _tinylora_runner(workload: Workload, model_dir: str | None):
 
 
 # -- PyTorch + transformers + PEFT ---------------------------------------------------------------
-def _peft_runner(workload: Workload, model_dir: str | None):
+def _peft_runner(workload: Workload, model_dir: str | None, nf4: bool = False):
     import peft
     import torch
     import transformers
@@ -125,10 +164,16 @@ def _peft_runner(workload: Workload, model_dir: str | None):
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)      # deprecation notices inside transformers
     _check(workload)
-    if workload.model == "smollm2":
+    if workload.model == "smollm2" and nf4:      # QLoRA as PEFT's users run it: a bitsandbytes NF4 base
+        q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_compute_dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q,
+                                                                  dtype=torch.float32)
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif workload.model == "smollm2":
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     else:
-        config = transformers.AutoConfig.for_model(**QWEN25_05B)
+        config = transformers.AutoConfig.for_model(**RANDOM[workload.model])
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     ids = torch.tensor(_batch(workload, model.config.vocab_size))
@@ -155,10 +200,62 @@ def _peft_runner(workload: Workload, model_dir: str | None):
     return step
 
 
+def _llama_cpp_runner(workload: Workload, model_dir: str | None):
+    """llama.cpp decoding the same GGUF file, greedy, all cores (llama-cpp-python's default is half)."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low_level
+    if workload.kind != "decode" or not workload.base or workload.base == "nf4":
+        raise ValueError("llama.cpp is a peer for decoding a GGUF file only")
+    # On CPUs with AMX, ggml (llama-cpp-python 0.3.36) repacks weights for its AMX kernel, which
+    # crashes with SIGSEGV in ggml_backend_amx_mul_mat on these machines; llama.cpp's own switch for
+    # that, use_extra_bufts, is not an argument of Llama(), so its default is changed while Llama()
+    # builds its parameters (this process only), and library_versions says so.
+    default = low_level.llama_model_default_params
+
+    def without_repacking():
+        params = default()
+        params.use_extra_bufts = not _has_amx()
+        return params
+    low_level.llama_model_default_params = without_repacking
+    try:
+        llm = llama_cpp.Llama(str(gguf_path(model_dir, workload.base)), n_ctx=256, n_threads=os.cpu_count(),
+                              verbose=False)
+    finally:
+        low_level.llama_model_default_params = default
+    prompt = [int(t) for t in _batch(workload, llm.n_vocab())[0]]
+
+    def decode() -> int:
+        llm.reset()
+        n = 0
+        for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):     # never stops at EOS by itself
+            n += 1
+            if n == workload.new:
+                break
+        return n
+    return decode
+
+
+def _has_amx() -> bool:
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+RUNNERS = {"tinylora": _tinylora_runner, "peft": _peft_runner, "llama.cpp": _llama_cpp_runner,
+           "tinylora-bf16": lambda w, d: _tinylora_runner(w, d, bf16_base=True),
+           "peft-bnb4": lambda w, d: _peft_runner(w, d, nf4=True)}
+
+
 def library_versions(side: str) -> str:
-    if side == "tinylora":
-        from importlib.metadata import version
+    from importlib.metadata import version
+    if side.startswith("tinylora"):
         return f"tinylora {version('tinylora')}, numpy {np.__version__}, numba {version('numba')}"
+    if side == "llama.cpp":
+        repack = "; AMX repacking off: it crashes here" if _has_amx() else ""
+        return f"llama-cpp-python {version('llama-cpp-python')} ({os.cpu_count()} threads{repack})"
+    if side == "peft-bnb4":
+        return f"bitsandbytes {version('bitsandbytes')}"
     import peft
     import torch
     import transformers
@@ -170,7 +267,7 @@ def serve(side: str, workload: Workload, model_dir: str | None, conn) -> None:
     """Spawned-process entry point: build, warm up, then time repetitions on request (see the module docstring)."""
     from ..generate import peak_memory_gb
     try:
-        run = (_tinylora_runner if side == "tinylora" else _peft_runner)(workload, model_dir)
+        run = RUNNERS[side](workload, model_dir)
         run()                                                     # warm-up
         conn.send(("ready", library_versions(side)))
     except Exception as e:                                        # reported in the table, not a crash

@@ -35,7 +35,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 def _cmd_import_gguf(args: argparse.Namespace) -> int:
     from ..formats.gguf import import_gguf
-    print(f"imported {args.file} into {import_gguf(args.file, args.out)}")
+    print(f"imported {args.file} into {import_gguf(args.file, args.out, keep_quantization=args.keep_quantization)}")
     return 0
 
 
@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "tokenizer_config.json into OUT.")
     p.add_argument("file", help="the .gguf file")
     p.add_argument("out", help="the folder to create")
+    p.add_argument("--keep-quantization", action="store_true",
+                   help="keep the file's quantised blocks: the folder holds the GGUF itself (model.gguf) beside "
+                   "config.json and the tokenizer files, instead of float32 model.safetensors")
     p.set_defaults(func=_cmd_import_gguf)
 
     p = sub.add_parser("generate", help="generate text with a KV cache, streamed to the terminal",

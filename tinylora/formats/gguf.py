@@ -7,6 +7,7 @@ tinylora (and transformers) reads:
 
     config.json             from the metadata (`llama.embedding_length` -> hidden_size, ...)
     model.safetensors       every tensor dequantised to float32, under Hugging Face names
+                            (or, --keep-quantization, model.gguf: the file itself, loaded with its blocks)
     tokenizer.json          built with `tokenizers` (see gguf_tokenizer.py)
     tokenizer_config.json   chat template and special tokens
     generation_config.json  bos/eos ids
@@ -39,6 +40,7 @@ file and the value, never a silently different model.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -247,29 +249,44 @@ def _hf_rows(rows: np.ndarray, n_head: int | None) -> np.ndarray:
 # The import
 # --------------------------------------------------------------------------
 
-def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
+                keep_quantization: bool = False) -> Path:
     """A Llama/Qwen2 GGUF file -> out_dir, a Hugging Face-format folder (float32 weights).
 
-    out_dir must not exist, or be empty, unless overwrite=True (then it is
-    replaced, but only once the new folder is complete).
+    keep_quantization: instead of model.safetensors, the folder holds the GGUF file itself as
+    model.gguf beside config.json and the tokenizer files, and tinylora loads it with its blocks
+    (transformers too, with gguf_file="model.gguf"). out_dir must not exist, or be empty, unless
+    overwrite=True (then it is replaced, but only once the new folder is complete).
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         # (atomic_folder checks this too; checking first saves the dequantising)
         raise TinyloraError(f"{out_dir}: already exists and is not empty; choose a new folder or remove it")
-    config, tensors, tokenizer, tokenizer_config = read_gguf(gguf_path)
-    generation_config = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
-
-    # config.json goes last: even inside the staging folder, it marks a complete model.
+    config, tensors, tokenizer, tokenizer_config = read_gguf(gguf_path, keep_blocks=keep_quantization)
     with atomic_folder(out_dir, overwrite=overwrite) as staging:
-        write_safetensors(staging / "model.safetensors", tensors,
-                          metadata={"format": "pt", "source": f"GGUF import of {gguf_path.name}"})
-        del tensors
-        write_text(staging / "tokenizer.json", tokenizer.to_str(pretty=True) + "\n")
-        write_json(staging / "tokenizer_config.json", tokenizer_config)
-        write_json(staging / "generation_config.json", generation_config)
-        write_json(staging / "config.json", config)
+        if keep_quantization:           # every tensor was read and checked; the file itself is what is kept
+            del tensors
+            shutil.copyfile(gguf_path, staging / GGUF_IN_FOLDER)
+        else:
+            write_safetensors(staging / "model.safetensors", tensors,
+                              metadata={"format": "pt", "source": f"GGUF import of {gguf_path.name}"})
+            del tensors
+        write_side_files(staging, config, tokenizer, tokenizer_config)
     return out_dir
+
+
+# The GGUF file inside a folder written by `import-gguf --keep-quantization`.
+GGUF_IN_FOLDER = "model.gguf"
+
+
+def write_side_files(folder: Path, config: dict, tokenizer, tokenizer_config: dict) -> None:
+    """tokenizer.json, tokenizer_config.json, generation_config.json and, last, config.json (which
+    marks a complete model, even inside a staging folder) from what read_gguf returned."""
+    generation_config = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    write_text(folder / "tokenizer.json", tokenizer.to_str(pretty=True) + "\n")
+    write_json(folder / "tokenizer_config.json", tokenizer_config)
+    write_json(folder / "generation_config.json", generation_config)
+    write_json(folder / "config.json", config)
 
 
 def read_gguf(gguf_path: Path, keep_blocks: bool = False):
@@ -278,6 +295,12 @@ def read_gguf(gguf_path: Path, keep_blocks: bool = False):
     The tensors are float32 arrays, or with keep_blocks the block-quantised matrices stay
     GGMLWeights (convert_tensors). The tokenizer and config are checked first: they fail fast.
     """
+    reader, arch, config, tokenizer, tokenizer_config = read_gguf_metadata(gguf_path)
+    return config, convert_tensors(reader, gguf_path, arch, config, keep_blocks), tokenizer, tokenizer_config
+
+
+def read_gguf_metadata(gguf_path: Path):
+    """-> (the gguf reader, architecture, config dict, tokenizers.Tokenizer, tokenizer_config dict), no tensor read."""
     reader = open_gguf(gguf_path)
     meta = Metadata(reader, gguf_path)
     arch = meta.get("general.architecture")
@@ -294,4 +317,4 @@ def read_gguf(gguf_path: Path, keep_blocks: bool = False):
         raise TinyloraError(f"{gguf_path}: {tokenizer.get_vocab_size()} tokens, but token_embd.weight has "
                             f"only {config['vocab_size']} rows")
     tokenizer_config["model_max_length"] = config["max_position_embeddings"]
-    return config, convert_tensors(reader, gguf_path, arch, config, keep_blocks), tokenizer, tokenizer_config
+    return reader, arch, config, tokenizer, tokenizer_config

@@ -14,6 +14,8 @@ import os
 # slower (measured in kernels/matmul.py). Passive waiting avoids that. It must
 # be set before the first parallel kernel starts the thread pool, so it is set
 # here, when the kernels are imported; a value the user set wins.
+# The value before, for programs this process starts that are not tinylora (the bench's peers).
+OMP_WAIT_POLICY_BEFORE = os.environ.get("OMP_WAIT_POLICY")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import types

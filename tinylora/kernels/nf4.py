@@ -95,12 +95,13 @@ def _scale(absmax, code2, absmax2, blocksize2, offset, b):
 
 
 # --------------------------------------------------------------------------
-# Widening rows (training tiles): flat weights f0:f1 -> float32
+# Widening rows (training tiles): flat weights -> float32
 # --------------------------------------------------------------------------
 
 @nb.njit(cache=True, inline="always")
 def _widen_flat(packed, absmax, code2, absmax2, blocksize2, offset, blocksize, f0, f1, out, table):
-    """Weights at flat indices f0:f1 -> out[:f1 - f0] float32: table[q] · the block's absmax."""
+    """Weights at flat indices f0:f1 -> out[:f1 - f0] float32: table[q] · the block's absmax.
+    The simple version, weight by weight; it serves any layout (blocks straddling rows, odd sizes)."""
     f = f0
     while f < f1:
         b = f // blocksize
@@ -113,6 +114,25 @@ def _widen_flat(packed, absmax, code2, absmax2, blocksize2, offset, blocksize, f
         f = end
 
 
+@nb.njit(cache=True, inline="always")
+def _widen_row(packed, absmax, code2, absmax2, blocksize2, offset, blocksize, f0, out, table, scaled):
+    """The row starting at flat index f0 -> out (I,), when rows are whole blocks (every real checkpoint).
+
+    A block can hold only 16 values, table[k] · absmax_b: compute those 16 products once (`scaled`),
+    and every weight is then one lookup, the same float32 number as table[q] · absmax_b. 2.5x faster
+    than `_widen_flat` (0.5 ns a weight here, against bf16's 0.2 and a BLAS product's 2.3 at N = 256).
+    """
+    for c0 in range(0, out.size, blocksize):
+        s = _scale(absmax, code2, absmax2, blocksize2, offset, (f0 + c0) // blocksize)
+        for k in range(16):
+            scaled[k] = table[k] * s
+        p = (f0 + c0) >> 1
+        for j in range(blocksize // 2):                   # one byte: two codes, high nibble first
+            byte = packed[p + j]
+            out[c0 + 2 * j] = scaled[byte >> 4]
+            out[c0 + 2 * j + 1] = scaled[byte & 0xF]
+
+
 @nb.njit(cache=True)
 def widen_rows(packed, absmax, code2, absmax2, blocksize2, offset, blocksize, I, rows, out, table):
     """rows (O_sel,) int64 of a (O, I) NF4 weight -> out[:O_sel] (O_sel, I) float32
@@ -120,48 +140,36 @@ def widen_rows(packed, absmax, code2, absmax2, blocksize2, offset, blocksize, I,
     packed (O·I/2,) uint8; absmax (blocks,) float32, or uint8 codes when absmax2 (blocks / blocksize2,)
     float32 is not empty (double quantisation, then code2 (256,) float32 and offset apply).
     """
+    scaled = np.empty(16, dtype=np.float32)
     for n in range(rows.size):
         f0 = rows[n] * I
-        _widen_flat(packed, absmax, code2, absmax2, blocksize2, offset, blocksize, f0, f0 + I, out[n], table)
+        if I % blocksize == 0:
+            _widen_row(packed, absmax, code2, absmax2, blocksize2, offset, blocksize, f0, out[n], table, scaled)
+        else:
+            _widen_flat(packed, absmax, code2, absmax2, blocksize2, offset, blocksize, f0, f0 + I, out[n], table)
 
 
 # --------------------------------------------------------------------------
 # Decoding: y = x Wᵀ for a few rows of x, reading the packed bytes once
 # --------------------------------------------------------------------------
 
-# Each block's 64 weights share one scale, so a row's dot product is summed block by block:
-#     x · w_o = Σ_b absmax_b · Σ_{j in b} x_j · NF4[q_j]
-# which multiplies by the scale once per 64 weights instead of once per weight. Where a
-# block straddles two rows (I not a multiple of blocksize) the row is widened instead and
-# dotted as a whole. Fast-math flags as bf16's GEMV (kernels/bf16.py): NaN and inf propagate.
+# As bf16's GEMV (kernels/bf16.py, where the two fast-math flags are explained, NaN and inf still
+# propagating): each thread widens one row at a time into an L1-resident buffer and dots it with
+# every row of x, so the only pass over memory reads the packed bytes (a quarter of bf16's). The
+# lookups, not memory, bound it: ~2.3x the time of bf16's GEMV on a 4096 x 4096 weight.
 @parallel_when_large(1 << 20, fastmath=GEMV_FASTMATH)
 def gemv_nf4(x, packed, absmax, code2, absmax2, blocksize2, offset, blocksize, O, table, bias=None):
     """x (N, I) float32, an (O, I) NF4 weight (as widen_rows), bias (O,) or None -> y (N, O), small N"""
     N, I = x.shape
     y = np.empty((N, O), dtype=np.float32)
-    aligned = I % blocksize == 0
     for t in nb.prange((O + ROWS - 1) // ROWS):
         row = np.empty(I, dtype=np.float32)
-        acc = np.empty(N, dtype=np.float32)
+        scaled = np.empty(16, dtype=np.float32)
         for o in range(t * ROWS, min(O, (t + 1) * ROWS)):
-            if not aligned:
+            if I % blocksize == 0:
+                _widen_row(packed, absmax, code2, absmax2, blocksize2, offset, blocksize, o * I, row, table, scaled)
+            else:
                 _widen_flat(packed, absmax, code2, absmax2, blocksize2, offset, blocksize, o * I, o * I + I,
                             row, table)
-                dot_into(x, row, o, y, bias)
-                continue
-            acc[:] = 0.0
-            for c0 in range(0, I, blocksize):
-                f = o * I + c0
-                s = _scale(absmax, code2, absmax2, blocksize2, offset, f // blocksize)
-                for j in range(0, blocksize, 2):                 # one byte: two codes, high nibble first
-                    byte = np.int32(packed[(f + j) >> 1])
-                    row[j] = table[byte >> 4]
-                    row[j + 1] = table[byte & 0xF]
-                for n in range(N):
-                    part = np.float32(0.0)
-                    for j in range(blocksize):
-                        part += x[n, c0 + j] * row[j]
-                    acc[n] += s * part
-            for n in range(N):
-                y[n, o] = acc[n] if bias is None else acc[n] + bias[o]
+            dot_into(x, row, o, y, bias)
     return y

@@ -2,7 +2,8 @@
 
     out/config.json              the source model's, with dtype updated
     out/model.safetensors        every weight under its Hugging Face name; tied embeddings once
-    out/tokenizer.json, ...      copied from the source folder when present
+    out/tokenizer.json, ...      copied from the source folder when present (from a .gguf base: its
+                                 config and tokenizer, as `import-gguf` writes them)
 
 transformers (and tinylora) load the folder like any other checkpoint. It is
 written into a hidden staging folder and renamed into place when complete, so
@@ -28,6 +29,7 @@ import numpy as np
 
 from ..errors import TinyloraError
 from ..formats.files import atomic_folder, read_json, write_json
+from ..formats.gguf import read_gguf_metadata, write_side_files
 from ..formats.hub import TOKENIZER_AND_GENERATION_FILES
 from ..formats.safetensors import BFLOAT16, SINGLE_FILE, write_safetensors
 from ..kernels.bf16 import f32_to_bf16
@@ -74,14 +76,11 @@ def save_model(model, out_dir: str | os.PathLike, dtype: str = "float32", overwr
         raise TinyloraError("the model still has LoRA layers: merge them first (tinylora.merge), "
                             "or use fuse, which merges")
     source = getattr(model, "folder", None)
-    if source is None and str(getattr(model, "name_or_path", "")).endswith(".gguf"):
-        raise TinyloraError(f"{model.name_or_path}: fusing onto a GGUF base is not supported yet; "
-                            "`tinylora import-gguf` it into a folder first and fuse onto that")
-    if source is None:
+    gguf = Path(model.name_or_path) if str(getattr(model, "name_or_path", "")).endswith(".gguf") else None
+    if source is None and gguf is None:
         raise TinyloraError("the model has no source folder to take config.json and tokenizer files from; "
                             "load it with tinylora.load or load_model")
-    source = Path(source)
-    if out_dir.resolve() == source.resolve():
+    if source is not None and out_dir.resolve() == Path(source).resolve():
         raise TinyloraError(f"{out_dir}: is the folder the model was loaded from; choose another output folder")
 
     tensors = state_dict(model, dtype)
@@ -89,7 +88,10 @@ def save_model(model, out_dir: str | os.PathLike, dtype: str = "float32", overwr
         if not np.isfinite(array).all():
             raise TinyloraError(f"{name} holds NaN or inf values; not saving a broken model "
                                 "(was the adapter trained with a non-finite loss?)")
-    config = read_json(source / "config.json")
+    if source is None:              # a .gguf loaded directly: its config and tokenizer, as import-gguf writes them
+        _, _, config, tokenizer, tokenizer_config = read_gguf_metadata(gguf)
+    else:
+        source, config = Path(source), read_json(Path(source) / "config.json")
     # transformers 5 writes "dtype", older versions "torch_dtype"; keep whichever the file has.
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
     for key in keys:
@@ -97,11 +99,14 @@ def save_model(model, out_dir: str | os.PathLike, dtype: str = "float32", overwr
     config.pop("quantization_config", None)     # the weights written are floats, whatever the source held
 
     with atomic_folder(out_dir, overwrite=overwrite) as staging:
-        write_json(staging / "config.json", config)
         write_safetensors(staging / SINGLE_FILE, tensors, metadata={"format": "pt"})
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, staging / name)
+        if source is None:
+            write_side_files(staging, config, tokenizer, tokenizer_config)     # config.json last
+        else:
+            write_json(staging / "config.json", config)
+            for name in TOKENIZER_FILES:
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, staging / name)
     return out_dir
 
 
