@@ -94,6 +94,19 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(tok, data, tmp_
     assert step_losses(killed) == step_losses(full)              # bit for bit, every report line
 
 
+def test_grad_checkpoint_trains_to_the_same_losses(tok, data, tmp_path):
+    # dropout on, gradient accumulation on: the recomputation must replay the masks and leave the
+    # generators where the plain run leaves them, so every step's loss is the same float
+    kw = dict(dropout=0.1, grad_accum=2, iters=8)
+    train(config(data, tmp_path / "plain", **kw), tiny_model(tok), tok, progress=False, log=lambda *a: None)
+    model = tiny_model(tok)
+    train(config(data, tmp_path / "ck", grad_checkpoint=True, **kw), model, tok, progress=False,
+          log=lambda *a: None)
+    assert step_losses(tmp_path / "ck") == step_losses(tmp_path / "plain")
+    assert model.grad_checkpoint    # the generators end where the plain run's do (tests/test_checkpoint.py):
+    #                                 a resumed run continues from the same states either way
+
+
 def test_resume_refuses_a_missing_checkpoint_and_changed_settings(tok, data, tmp_path):
     with pytest.raises(TinyloraError, match="--resume: no checkpoint in"):
         train(config(data, tmp_path / "ad", resume=True), tiny_model(tok), tok, progress=False, log=lambda *a: None)

@@ -30,6 +30,7 @@ from .formats.safetensors import check_tensors, is_float
 from .kernels.bf16 import bf16_to_f32
 from .kernels.weights import BF16Weight, FrozenWeight, frozen_weight
 from .nn import Embedding, Linear, Module, RMSNorm
+from .ops.checkpoint import checkpoint
 from .ops.reference import FUSED, OpSet
 from .ops.rope import rope, rope_inv_freq, rope_tables
 from .tensor import Tensor, is_grad_enabled
@@ -99,7 +100,13 @@ class DecoderModel(Module):
 
 
 class CausalLM(Module):
-    """A decoder-only language model: ids (B, T) -> next-token logits (B, T, V)."""
+    """A decoder-only language model: ids (B, T) -> next-token logits (B, T, V).
+
+    grad_checkpoint: when True, training keeps only each decoder layer's input and recomputes
+    the layer during the backward (ops/checkpoint.py): the same gradients, a fraction of the memory.
+    """
+
+    grad_checkpoint: bool = False
 
     def __init__(self, config: ModelConfig, model: DecoderModel, lm_head: Linear, ops: OpSet = FUSED):
         self.config = config
@@ -137,8 +144,12 @@ class CausalLM(Module):
         positions = np.arange(past, past + T)                                  # (T,)
         cos, sin = rope_tables(positions, self.inv_freq, self.dtype)           # (1, T, D/2) each
         x = self.model.embed_tokens(input_ids)                                 # (B, T, C)
+        checkpointed = self.grad_checkpoint and cache is None and is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, attention_mask, cache, i)
+            if checkpointed:                    # keep only x; the layer runs again in the backward
+                x = checkpoint(layer, x, cos, sin, attention_mask, None, i)
+            else:
+                x = layer(x, cos, sin, attention_mask, cache, i)
         if cache is not None:
             cache.advance(T)
         return self.model.norm(x)                                              # (B, T, C)

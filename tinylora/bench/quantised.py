@@ -5,7 +5,10 @@ repetitions alternated (side_by_side.py says how and why):
 
     train SmolLM2, Q4_K_M GGUF base    vs tinylora on the bf16 base    targets: RSS ≤ 0.5×, speed ≥ 0.85×
     train SmolLM2, NF4 base            vs the bf16 base, and PEFT + bitsandbytes NF4 (QLoRA as users run it)
-    train Llama-2-7B shape, NF4 base   alone, 1 × 256 tokens            target: peak RSS ≤ 6 GB
+    train Llama-2-7B shape, NF4 base   alone, 1 × 256 tokens, checkpointed  target: peak RSS ≤ 6 GB
+                                       (QLoRA as PEFT runs it: prepare_model_for_kbit_training turns
+                                       gradient checkpointing on; without it the activations, 2.2 GiB at
+                                       256 tokens, take the peak to 6.5 GiB)
     decode SmolLM2, Q8_0 / Q4_K_M GGUF vs the bf16 base, and llama.cpp on the same file: ≥ 2×, ≥ 0.8×
 
 The GGUF files are SmolLM2's, rewritten in each type by llama.cpp's own quantiser (llama-cpp-python's
@@ -31,8 +34,8 @@ def workloads() -> list[Workload]:
     seven = dict(kind="train", model="smollm2", dtype="bfloat16")
     return [Workload("train SmolLM2-135M, all seven, Q4_K_M GGUF base", base="Q4_K_M", peers=(BF16,), **seven),
             Workload("train SmolLM2-135M, all seven, NF4 base", base="nf4", peers=(BF16, "peft-bnb4"), **seven),
-            Workload("train Llama-2-7B shape, NF4 base, 1 x 256", "train", "llama-2-7b", batch=1, seq=256,
-                     dtype="bfloat16", base="nf4", peers=(), repeats=2),
+            Workload("train Llama-2-7B shape, NF4 base, 1 x 256, grad checkpoint", "train", "llama-2-7b", batch=1,
+                     seq=256, dtype="bfloat16", base="nf4", peers=(), repeats=2, grad_checkpoint=True),
             Workload("decode SmolLM2-135M, Q8_0 GGUF", "decode", "smollm2", base="Q8_0", peers=(BF16, "llama.cpp")),
             Workload("decode SmolLM2-135M, Q4_K_M GGUF", "decode", "smollm2", base="Q4_K_M",
                      peers=(BF16, "llama.cpp"))]

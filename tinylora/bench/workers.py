@@ -62,6 +62,7 @@ class Workload:
     dtype: str = "float32"             # tinylora's weight storage (load_model's dtype); the peer's is fp32
     base: str | None = None            # a quantised base: "nf4" (--quantize), or a GGUF type ("Q4_K_M", "Q8_0")
     peers: tuple[str, ...] = ("peft",)  # the other sides, each in its own process (see the module docstring)
+    grad_checkpoint: bool = False      # tinylora: recompute each layer in the backward (ops/checkpoint.py)
     repeats: int | None = None         # None: the bench's --repeats
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -140,6 +141,7 @@ def _tinylora_runner(workload: Workload, model_dir: str | None, bf16_base: bool 
         return lambda: sum(1 for _ in stream_generate(model, prompt, max_tokens=workload.new))
     apply_lora(model, LoraConfig(r=LORA_R, alpha=LORA_ALPHA, target_modules=list(workload.targets)))
     model.train(True)
+    model.grad_checkpoint = workload.grad_checkpoint
     params = lora_parameters(model)
     for _, p in params:
         p.requires_grad = True

@@ -18,7 +18,9 @@ from typing import Callable
 
 import numpy as np
 
+from ..nn import Module
 from ..ops.attention import CausalAttentionFn, attention
+from ..ops.checkpoint import CheckpointFn, checkpoint
 from ..ops.cross_entropy import CrossEntropyFn, LinearCrossEntropyFn, cross_entropy, linear_cross_entropy
 from ..ops.dropout import DropoutFn, dropout
 from ..ops.elementwise import AddFn, MulFn, SiLUFn
@@ -52,6 +54,21 @@ def _attention_case(rng):
     q, k, v = _t(rng, 2, 3, 4, 6), _t(rng, 2, 5, 2, 6), _t(rng, 2, 5, 2, 6)
     mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
     return (lambda q, k, v: attention(q, k, v, key_mask=mask)), [q, k, v], ["q", "k", "v"]
+
+
+class _Block(Module):
+    """A small layer with two trainable tensors, to checkpoint: x (..., 5) -> (..., 4)."""
+
+    def __init__(self, w: Tensor, v: Tensor):
+        self.w, self.v = w, v                                     # (4, 5), (5,)
+
+    def __call__(self, x):
+        return swiglu(linear(x, self.w), linear(rms_norm(x, self.v, 1e-6), self.w))
+
+
+def _checkpoint_case(rng):
+    # the block's tensors reach their gradients only through the recomputation in the backward
+    return (lambda x, w, v: checkpoint(_Block(w, v), x)), [_t(rng, 2, 3, 5), _t(rng, 4, 5), _t(rng, 5)], ["x", "w", "v"]
 
 
 def _rope_case(rng):
@@ -116,6 +133,7 @@ CASES: list[OpCase] = [
     OpCase("cross-entropy (-100)", (CrossEntropyFn,), _cross_entropy_case),
     OpCase("lm_head + cross-entropy", (LinearCrossEntropyFn,), _linear_cross_entropy_case),
     OpCase("dropout (p=0.3)", (DropoutFn,), _dropout_case),
+    OpCase("checkpointed block", (CheckpointFn,), _checkpoint_case),
 ]
 
 

@@ -66,6 +66,7 @@ def train(config: TrainConfig, model, tokenizer, progress: bool = True, log=prin
         apply_lora(model, config.lora(), seed=config.seed)
     start = state.get("step", 0)
     model.train(True)
+    model.grad_checkpoint = config.grad_checkpoint
     params = lora_parameters(model)
     for _, p in params:
         p.requires_grad = True
