@@ -88,22 +88,54 @@ def test_products_equal_those_with_the_dequantised_matrix(qtype, dtype, N):
     assert W.linear(x, w).dtype == dtype
 
 
+def decoding_case(qtype: str, N: int, seed: int, special: bool):
+    """blocks (70, I) of qtype with I several blocks long (an odd number of the 32-weight ones), x (N, I), bias,
+    and the product through the gguf package's dequantised weights in float64 with Σ |x_k w_k| per output."""
+    I = 3 * 256 if qtype.endswith("_K") else 11 * 32
+    blocks = random_blocks(qtype, O=70, I=I, seed=seed, special=special)       # specials: first and last rows
+    dense = reference(blocks, qtype).astype(np.float64)
+    rng = np.random.default_rng(seed + 1)
+    x, bias = rng.standard_normal((N, I)).astype(np.float32), rng.standard_normal(70).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return blocks, x, bias, x.astype(np.float64) @ dense.T, np.abs(x.astype(np.float64)) @ np.abs(dense).T
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("N", [1, 2, 3, 4])
+@pytest.mark.parametrize("compiled", ["serial", "parallel"])
+def test_decoding_gemv_on_blocks_is_the_product_with_the_widened_weights(qtype, N, compiled):
+    # gemv_blocks sums the integer codes against x and scales each block's sum once: float32 sums in
+    # another order than x · widen(W), so held to float32 accuracy relative to Σ |x_k w_k| (+ |bias|)
+    blocks, x, bias, expected, magnitude = decoding_case(qtype, N, seed=5, special=False)
+    kernel = getattr(ggml.gemv_blocks, compiled)
+    widened = getattr(ggml.gemv_widened, compiled)                 # the simple version it replaced
+    for b in (None, bias):
+        want = expected if b is None else expected + b
+        tol = 1e-5 * (magnitude + (0.0 if b is None else np.abs(b))) + 1e-30
+        for name, got in (("gemv_blocks", kernel(x, blocks, ggml.KINDS[qtype], ggml.HALF, b)),
+                          ("gemv_widened", widened(x, blocks, ggml.KINDS[qtype], ggml.HALF, b))):
+            assert got.dtype == np.float32 and got.shape == (N, 70)
+            worst = np.unravel_index(np.argmax(np.abs(got - want) / tol), tol.shape)
+            assert (np.abs(got - want) <= tol).all(), (f"{name} {qtype} N={N}: error {abs(got - want)[worst]:.2e} "
+                                                       f"> {tol[worst]:.2e} at {worst}")
+
+
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("compiled", ["serial", "parallel"])
-def test_decoding_gemv_reads_the_blocks_and_propagates_nan_and_inf(qtype, compiled):
-    blocks = random_blocks(qtype, O=70, I=256, seed=5)                   # special scales in the first rows
-    dense = reference(blocks, qtype).astype(np.float64)
-    x = np.random.default_rng(6).standard_normal((2, 256)).astype(np.float32)
-    bias = np.random.default_rng(7).standard_normal(70).astype(np.float32)
+def test_decoding_gemv_propagates_nan_and_inf_scales(qtype, compiled):
+    blocks, x, bias, expected, magnitude = decoding_case(qtype, 2, seed=7, special=True)
     kernel = getattr(ggml.gemv_blocks, compiled)
     got = kernel(x, blocks, ggml.KINDS[qtype], ggml.HALF, bias)
-    with np.errstate(invalid="ignore", over="ignore"):
-        expected = x.astype(np.float64) @ dense.T + bias
-    assert np.array_equal(np.isnan(got), np.isnan(expected))            # a NaN or inf scale spoils its row only
-    assert np.array_equal(np.isinf(got), np.isinf(expected))
+    expected = expected + bias
+    # a NaN or inf scale spoils its row and only it; d · Σ x_j q_j may give NaN where Σ x_j (d q_j) gives
+    # inf or the reverse (inf · 0 falls elsewhere), so finiteness must match, and a NaN scale gives NaN
+    assert np.array_equal(np.isfinite(got), np.isfinite(expected))
+    nan_scale = np.isnan(ggml.block_scales(blocks, qtype)).any(axis=(1, 2))
+    assert nan_scale.any() and np.isnan(got[:, nan_scale]).all()
     finite = np.isfinite(expected)
-    assert finite.sum() > 100
-    assert_close(np.where(finite, got, 0), np.where(finite, expected, 0), 1e-4, "GEMV on blocks")
+    assert finite.sum() > 100 and (~finite).any()
+    tol = 1e-5 * (magnitude + np.abs(bias)) + 1e-30
+    assert (np.abs(got - expected)[finite] <= tol[finite]).all()
 
 
 def test_a_quantised_base_gets_no_gradient_and_passes_gradcheck():

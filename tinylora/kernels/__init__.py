@@ -3,7 +3,8 @@
 One module per op, with the same name as its op in `tinylora/ops/`; forward and
 backward kernels sit next to each other. Every kernel works in float32 and
 float64 and is tested against a vectorised NumPy reference (tests/test_kernels*.py).
-This package imports only numpy and numba.
+This package imports only numpy, numba and llvmlite (Numba's own dependency: one cache-prefetch
+hint in kernels/ggml_gemv.py).
 """
 
 import os

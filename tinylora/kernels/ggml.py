@@ -26,14 +26,13 @@ order above, with no fused multiply-add, so the result is bit-identical to
 `gguf.quants.dequantize` (tests/test_ggml.py). A weight is stored as (O, row
 bytes) uint8, one row of blocks per output row. `widen_rows` widens the rows
 it is given into float32 for BLAS (serial, like bf16's: it runs between BLAS
-calls); `gemv_blocks` is the decoding product, reading the blocks directly.
+calls); `gemv_blocks`, the decoding product reading the blocks directly, is in
+kernels/ggml_gemv.py (import it from here: that module imports this one).
 """
 
 import numba as nb
 import numpy as np
 
-from . import parallel_when_large
-from .bf16 import GEMV_FASTMATH, ROWS, dot_into
 
 BLOCK = 32                                                  # weights per block of the first five types
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -146,25 +145,6 @@ def widen_rows(blocks, kind, rows, out, half):
         _widen_row(kind, blocks, rows[n], out[n], half)
 
 
-# Decoding reads every weight once per token, so, as for bf16 (kernels/bf16.py, where the two
-# fast-math flags are explained), each thread widens one row at a time into an L1-resident
-# buffer and dots it with every row of x: the only pass over memory reads the blocks. Under
-# "contract" the widening's d · q + m may become one fused multiply-add, so the weights the
-# GEMV uses can differ from `widen_rows`' in the last bit; the tests hold it to float32 accuracy.
-@parallel_when_large(1 << 20, fastmath=GEMV_FASTMATH)
-def gemv_blocks(x, blocks, kind, half, bias=None):
-    """x (N, I) float32, blocks (O, row bytes) uint8 of type `kind`, bias (O,) or None -> y (N, O), small N"""
-    N, I = x.shape
-    O = blocks.shape[0]
-    y = np.empty((N, O), dtype=np.float32)
-    for t in nb.prange((O + ROWS - 1) // ROWS):
-        row = np.empty(I, dtype=np.float32)
-        for o in range(t * ROWS, min(O, (t + 1) * ROWS)):
-            _widen_row(kind, blocks, o, row, half)
-            dot_into(x, row, o, y, bias)
-    return y
-
-
 def block_scales(blocks, qtype: str):
     """blocks (O, row bytes) uint8 -> every block's float16 scales as float32 (O, blocks, 1 or 2): d, and m
     or dmin where the type has one. For a check at load time (a NaN or inf scale spoils its block)."""
@@ -172,3 +152,6 @@ def block_scales(blocks, qtype: str):
     at = np.array(SCALES_AT[qtype])
     pairs = np.stack([per_block[..., at], per_block[..., at + 1]], axis=-1)      # (O, blocks, halves, 2)
     return HALF[np.ascontiguousarray(pairs).view(np.uint16)[..., 0]]
+
+
+from .ggml_gemv import gemv_blocks, gemv_widened  # noqa: E402  (decoding; it imports the helpers above)
