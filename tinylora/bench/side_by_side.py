@@ -48,7 +48,7 @@ import numpy as np
 from ..config import ModelConfig
 from . import quantised
 from .kernels import blas_info, time_call
-from .workers import ALL_SEVEN, LORA_R, RANDOM, Workload, serve
+from .workers import ALL_SEVEN, LORA_R, RANDOM, Workload, serve, users_omp_wait_policy
 
 SEQ_LENGTHS = (128, 512, 1024, 2048)
 TARGETS = {"train": 1.2, "decode": 2.0}       # tokens/s ratio vs the peer at least
@@ -113,15 +113,8 @@ def peer_available(side: str = "peft") -> str | None:
 
 @contextlib.contextmanager
 def peer_environment():
-    """os.environ as the user had it, for starting a peer's process: tinylora's kernels set
-    OMP_WAIT_POLICY=PASSIVE in this process (kernels/__init__.py), and a peer that inherits it runs
-    as its users never run it (PyTorch trains 15-30 % slower with it)."""
-    from ..kernels import OMP_WAIT_POLICY_BEFORE
-    ours = os.environ.get("OMP_WAIT_POLICY")
-    if OMP_WAIT_POLICY_BEFORE is None:
-        os.environ.pop("OMP_WAIT_POLICY", None)
-    else:
-        os.environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY_BEFORE
+    """os.environ as the user had it while a peer's process starts (workers.users_omp_wait_policy)."""
+    ours = users_omp_wait_policy()
     try:
         yield
     finally:
@@ -237,7 +230,12 @@ def run_bench(rows: list[Workload], repeats: int = 5, model_dir: str | None = No
     if reason:
         log(f"PyTorch+PEFT: {reason}; timing tinylora alone")
     result = {"machine": machine(), "peer": reason or "PyTorch+transformers+PEFT", "rows": []}
+    headed = set()
     for workload in rows:
+        kind = "quantised" if workload.base else "plain"
+        if kind not in headed:                 # each table's header before its first row
+            headed.add(kind)
+            log(quantised.HEADER if workload.base else HEADER)
         row = run_workload(workload, repeats, model_dir, peer=reason is None)
         result["rows"].append(row)
         log("\n".join(quantised.format_rows([row])[2:]) if row["base"] else format_row(row))

@@ -249,6 +249,17 @@ RUNNERS = {"tinylora": _tinylora_runner, "peft": _peft_runner, "llama.cpp": _lla
            "peft-bnb4": lambda w, d: _peft_runner(w, d, nf4=True)}
 
 
+def users_omp_wait_policy() -> str | None:
+    """Put back the OMP_WAIT_POLICY this process had before tinylora's kernels set theirs (PASSIVE,
+    kernels/__init__.py); -> the value it had until now. A peer must run as its users run it: with
+    PASSIVE, PyTorch trains 15-30 % slower and llama.cpp decodes ~3x slower on these machines."""
+    from ..kernels import OMP_WAIT_POLICY_BEFORE
+    now = os.environ.pop("OMP_WAIT_POLICY", None)
+    if OMP_WAIT_POLICY_BEFORE is not None:
+        os.environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY_BEFORE
+    return now
+
+
 def library_versions(side: str) -> str:
     from importlib.metadata import version
     if side.startswith("tinylora"):
@@ -268,6 +279,10 @@ def library_versions(side: str) -> str:
 def serve(side: str, workload: Workload, model_dir: str | None, conn) -> None:
     """Spawned-process entry point: build, warm up, then time repetitions on request (see the module docstring)."""
     from ..generate import peak_memory_gb
+    if not side.startswith("tinylora"):
+        # Unpickling this function imported tinylora here too, and with it the kernels' OMP_WAIT_POLICY;
+        # the user's value comes back before the peer's library starts its OpenMP threads.
+        users_omp_wait_policy()
     try:
         run = RUNNERS[side](workload, model_dir)
         run()                                                     # warm-up

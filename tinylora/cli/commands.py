@@ -129,7 +129,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise TinyloraError(f"--only {' '.join(args.only)} matches no workload; they are: "
                                 + "; ".join(w.name for w in bench.workloads()))
     model_dir = str(download_smollm2(args.weights_dir)) if any(w.model == "smollm2" for w in rows) else None
-    print(bench.HEADER)
     result = bench.run_bench(rows, repeats=args.repeats, model_dir=model_dir, peer=not args.no_peer)
     print()
     print(bench.format_table(result))
