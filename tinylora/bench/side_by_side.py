@@ -219,8 +219,13 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from ..kernels import OMP_WAIT_POLICY_BEFORE
+    env = {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("OPENBLAS", "OMP_", "MKL_"))}
+    env.pop("OMP_WAIT_POLICY", None)             # as the user had it, not as tinylora's kernels set it
+    if OMP_WAIT_POLICY_BEFORE is not None:
+        env["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY_BEFORE
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "blas": blas_info(),
-            "env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("OPENBLAS", "OMP_", "MKL_"))}}
+            "env": env}
 
 
 def run_bench(rows: list[Workload], repeats: int = 5, model_dir: str | None = None, peer: bool = True,
@@ -269,8 +274,8 @@ def format_table(result: dict) -> str:
     lines += m["blas"].splitlines()
     if m["env"]:
         lines.append("Environment: " + ", ".join(f"{k}={v}" for k, v in m["env"].items()))
-    versions = {r[side]["versions"] for r in result["rows"] for side in ("tinylora", "peft")
-                if side in r and r[side]["versions"]}
+    versions = {side["versions"] for r in result["rows"] for side in r.values()
+                if isinstance(side, dict) and side.get("versions")}
     lines += sorted(versions)
     gemm = [r["gemm_gflops"] for r in result["rows"]]
     lines.append(f"fp32 GEMM peak (np.matmul {GEMM_N}², median per workload): "
