@@ -122,3 +122,16 @@ def test_one_decode_workload_side_by_side(smollm2_dir):
     assert row["tinylora"]["tokens_per_s"] > 0 and row["tinylora"]["peak_rss_gb"] > 0.1
     if peer:
         assert row["peft"]["error"] is None and row["speed_ratio"] > 0 and row["rss_ratio"] > 0
+
+
+def test_a_gguf_row_without_llama_cpp_is_a_table_cell(monkeypatch, tmp_path):
+    from tinylora.bench import quantised
+    from tinylora.errors import TinyloraError
+
+    def no_llama_cpp(model_dir, kind):
+        raise TinyloraError("writing SmolLM2-135M-Instruct.Q8_0.gguf needs llama.cpp's quantiser")
+    monkeypatch.setattr(quantised, "ensure_gguf", no_llama_cpp)
+    w = next(w for w in quantised.workloads() if w.base == "Q8_0")
+    row = bench.run_workload(w, repeats=1, model_dir=str(tmp_path / "SmolLM2"), peer=True)
+    assert row["tinylora"]["tokens_per_s"] is None and "needs llama.cpp" in row["tinylora"]["error"]
+    assert "needs llama.cpp" in "\n".join(quantised.format_rows([row]))

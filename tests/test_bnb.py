@@ -116,7 +116,7 @@ def test_quantize_holds_projections_quantised_and_stays_close(tmp_path, kind, st
 
 # -- bad input: one line naming what is wrong ---------------------------------------------------
 
-def hand_made(tmp_path, quantized=True, config=None, drop=(), state_shape=None):
+def hand_made(tmp_path, quantized=True, config=None, drop=(), state_shape=None, blocksize=64):
     """A tiny Llama checkpoint in bitsandbytes' layout, quantised by tinylora (or float32, quantized=False)."""
     rng = np.random.default_rng(0)
     C, F, V = LLAMA["hidden_size"], LLAMA["intermediate_size"], LLAMA["vocab_size"]
@@ -137,6 +137,8 @@ def hand_made(tmp_path, quantized=True, config=None, drop=(), state_shape=None):
             state = {"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": list(shape)}
             if name == W0 and state_shape:
                 state["shape"] = state_shape
+            if name == W0:
+                state["blocksize"] = blocksize
             tensors |= {name: w.packed.reshape(-1, 1), name + ".absmax": w.absmax,
                         name + ".quant_map": nf4.NF4.copy(),
                         name + ".quant_state.bitsandbytes__nf4": np.frombuffer(json.dumps(state).encode(), np.uint8)}
@@ -169,6 +171,7 @@ W0 = "model.layers.0.mlp.down_proj.weight"
     ({"drop": [W0 + s for s in (".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4")]},
      f"{W0} holds packed 4-bit bytes, but its quant state tensor {W0}.quant_state.bitsandbytes__nf4 is missing"),
     ({"state_shape": [64, 64]}, "holds 4096 uint8 values, but its quant state says shape \\[64, 64\\]"),
+    ({"blocksize": 0}, "expected quant_type nf4, an even blocksize and a 2-d shape"),
     ({"config": BNB | {"bnb_4bit_quant_type": "fp4"}}, "bnb_4bit_quant_type = 'fp4'; only nf4 is supported"),
     ({"config": BNB | {"load_in_4bit": False, "load_in_8bit": True}}, "a bitsandbytes 8-bit \\(load_in_8bit\\)"),
     ({"config": {"quant_method": "gptq", "bits": 4}}, "quant_method = 'gptq'; tinylora reads bitsandbytes"),

@@ -116,14 +116,14 @@ def _load_gguf(path: Path, dtype: str, quantize: str | None = None) -> tuple[Cau
     """A GGUF file, straight: its block-quantised and 16-bit matrices stay as stored (GGMLWeight,
     F16Weight, BF16Weight), the rest is float; the tokenizer is built from its metadata, as
     `import-gguf` would write it. quantize applies only to a file whose projections are float32."""
-    config, tensors, backend, tokenizer_config = read_gguf(path, keep_blocks=True)
-    if quantize:
-        held = {t.storage for name, t in tensors.items() if is_projection(name) and not is_float_storage(t)}
-        if held:
-            raise TinyloraError(f"{path}: the file is already quantised ({', '.join(sorted(held))}); "
-                                "--quantize applies to float checkpoints")
     convert = as_read(dtype, quantize)
-    tensors = {name: convert(name, t) for name, t in tensors.items()}
+
+    def convert_checked(name, t):               # each tensor as it is read: quantised, or kept as stored
+        if quantize and is_projection(name) and not is_float_storage(t):
+            raise TinyloraError(f"{path}: the file is already quantised ({t.storage}); "
+                                "--quantize applies to float checkpoints")
+        return convert(name, t)
+    config, tensors, backend, tokenizer_config = read_gguf(path, keep_blocks=True, convert=convert_checked)
     model = CausalLM.from_state_dict(ModelConfig.from_dict(config), tensors, dtype=DTYPES[dtype], source=str(path))
     model.name_or_path, model.folder = str(path), None     # no folder of tokenizer files to copy from
     templates = Tokenizer.config_templates(tokenizer_config)

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
+from ..errors import TinyloraError
 from . import quantised
 from .kernels import blas_info, time_call
 from .workers import ALL_SEVEN, LORA_R, RANDOM, Workload, serve, users_omp_wait_policy
@@ -164,14 +165,22 @@ class _Worker:
         return rss
 
 
+def _row_head(workload: Workload) -> dict:
+    return {"workload": workload.name, "kind": workload.kind, "model": workload.model, "base": workload.base,
+            "batch": workload.batch, "seq": workload.seq, "targets": list(workload.targets)}
+
+
 def run_workload(workload: Workload, repeats: int, model_dir: str | None, peer: bool) -> dict:
     """Time one workload on both sides, alternating -> its result row (see the module docstring)."""
     ctx = multiprocessing.get_context("spawn")
     sides = ["tinylora"] + [p for p in workload.peers if (peer or p.startswith("tinylora"))
                             and peer_available(p) is None]
     if workload.base and workload.base != "nf4" and model_dir:
-        from .quantised import ensure_gguf
-        ensure_gguf(model_dir, workload.base)           # llama.cpp writes the file once, beside SmolLM2
+        try:
+            quantised.ensure_gguf(model_dir, workload.base)   # llama.cpp writes the file once, beside SmolLM2
+        except TinyloraError as e:                        # no llama-cpp-python: the row says so, the bench goes on
+            empty = {"tokens_per_s": None, "repeats": [], "peak_rss_gb": None, "error": str(e), "versions": ""}
+            return {**_row_head(workload), "gemm_gflops": None, "tinylora": empty, "ratios": {}}
     workers = [_Worker(ctx, side, workload, model_dir) for side in sides]
     speeds = {side: [] for side in sides}
     gemm = []
@@ -181,9 +190,7 @@ def run_workload(workload: Workload, repeats: int, model_dir: str | None, peer: 
             if speed is not None:
                 speeds[w.side].append(speed)
         gemm.append(gemm_gflops())
-    row = {"workload": workload.name, "kind": workload.kind, "model": workload.model, "base": workload.base,
-           "batch": workload.batch, "seq": workload.seq, "targets": list(workload.targets),
-           "gemm_gflops": float(np.median(gemm))}
+    row = {**_row_head(workload), "gemm_gflops": float(np.median(gemm))}
     for w in workers:
         rss = w.stop()
         row[w.side] = {"tokens_per_s": float(np.median(speeds[w.side])) if speeds[w.side] else None,
@@ -277,7 +284,7 @@ def format_table(result: dict) -> str:
     versions = {side["versions"] for r in result["rows"] for side in r.values()
                 if isinstance(side, dict) and side.get("versions")}
     lines += sorted(versions)
-    gemm = [r["gemm_gflops"] for r in result["rows"]]
+    gemm = [r["gemm_gflops"] for r in result["rows"] if r["gemm_gflops"]]
     lines.append(f"fp32 GEMM peak (np.matmul {GEMM_N}², median per workload): "
                  f"{min(gemm):.0f}–{max(gemm):.0f} GFLOP/s" if gemm else "")
     plain = [r for r in result["rows"] if not r.get("base")]

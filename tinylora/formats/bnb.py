@@ -99,9 +99,9 @@ def _nf4_weight(tensors: dict, w: str, source: str) -> NF4Weight:
     state = state if isinstance(state, dict) else {}
     shape, blocksize = state.get("shape"), state.get("blocksize")
     if (not isinstance(shape, list) or len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape)
-            or not isinstance(blocksize, int) or state.get("quant_type") != "nf4"):
-        raise TinyloraError(f"{source}: {w}.{STATE} = {state!r}: expected quant_type nf4, a blocksize and a "
-                            "2-d shape")
+            or not isinstance(blocksize, int) or blocksize <= 0 or blocksize % 2 or state.get("quant_type") != "nf4"):
+        raise TinyloraError(f"{source}: {w}.{STATE} = {state!r}: expected quant_type nf4, an even blocksize "
+                            "and a 2-d shape")
     packed = need("")
     if packed.dtype != np.uint8 or packed.size != (shape[0] * shape[1] + 1) // 2:
         raise TinyloraError(f"{source}: {w} holds {packed.size} {packed.dtype} values, but its quant state says "

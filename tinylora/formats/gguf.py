@@ -49,7 +49,7 @@ from ..errors import TinyloraError
 from ..kernels import ggml
 from ..kernels.quantized import F16Weight, GGMLWeight
 from ..kernels.weights import BF16Weight
-from .files import atomic_folder, write_json, write_text
+from .files import atomic_folder, atomic_path, write_json, write_text
 from .gguf_tokenizer import build_tokenizer
 from .safetensors import write_safetensors
 
@@ -196,15 +196,21 @@ def build_config(meta: Metadata, arch: str, tensor_names: set[str], vocab_size: 
 # Tensors
 # --------------------------------------------------------------------------
 
-def convert_tensors(reader, path: Path, arch: str, config: dict, keep_blocks: bool = False) -> dict:
+def convert_tensors(reader, path: Path, arch: str, config: dict, keep_blocks: bool = False, convert=None) -> dict:
     """Every tensor under its HF name and in HF row order: dequantised to float32, or with
     keep_blocks, a matrix of one of kernels/ggml.py's block types kept as its blocks (a GGMLWeight)
     and a BF16 matrix kept as its bits (a BF16Weight).
+
+    convert(name, tensor), if given, is applied to each tensor as soon as it exists (quantising it,
+    or dropping it after its checks), so the file's tensors never all exist in memory twice.
 
     The Llama q/k row permutation moves whole rows, and a row of blocks is a row of weights,
     so it is undone on the blocks just as on the floats.
     """
     from gguf.quants import dequantize
+
+    def put(name, tensor):
+        return tensor if convert is None else convert(name, tensor)
 
     tensors: dict = {}
     for t in reader.tensors:
@@ -221,12 +227,12 @@ def convert_tensors(reader, path: Path, arch: str, config: dict, keep_blocks: bo
             if not np.isfinite(ggml.block_scales(blocks, t.tensor_type.name)).all():
                 raise TinyloraError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}) has NaN or inf block "
                                     "scales; the file is damaged")
-            tensors[name] = GGMLWeight(np.array(_hf_rows(blocks, n_head)), t.tensor_type.name, shape)   # a copy we own
+            tensors[name] = put(name, GGMLWeight(np.array(_hf_rows(blocks, n_head)), t.tensor_type.name, shape))
             continue
         if keep_blocks and t.tensor_type.name in ("BF16", "F16") and len(shape) == 2:
             bits = np.asarray(t.data).view(np.uint16).reshape(shape)          # 16-bit floats as stored: bits kept
             kind = BF16Weight if t.tensor_type.name == "BF16" else F16Weight
-            tensors[name] = kind(np.array(_hf_rows(bits, n_head)))
+            tensors[name] = put(name, kind(np.array(_hf_rows(bits, n_head))))   # copies we own
             continue
         if t.tensor_type.name not in SUPPORTED_TYPES:
             raise TinyloraError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which tinylora does not "
@@ -236,7 +242,7 @@ def convert_tensors(reader, path: Path, arch: str, config: dict, keep_blocks: bo
             raise TinyloraError(f"{path}: tensor {t.name!r}: dequantised to shape {w.shape}, "
                                 f"but its dimensions (ne) {list(t.shape)} say {shape}")
         w = np.asarray(w, dtype=np.float32)
-        tensors[name] = _hf_rows(w, n_head)
+        tensors[name] = put(name, _hf_rows(w, n_head))
     return tensors
 
 
@@ -262,11 +268,14 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, overwr
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         # (atomic_folder checks this too; checking first saves the dequantising)
         raise TinyloraError(f"{out_dir}: already exists and is not empty; choose a new folder or remove it")
-    config, tensors, tokenizer, tokenizer_config = read_gguf(gguf_path, keep_blocks=keep_quantization)
+    # keep_quantization: every tensor is read and checked, then dropped; the file itself is what is kept
+    drop = (lambda name, tensor: None) if keep_quantization else None
+    config, tensors, tokenizer, tokenizer_config = read_gguf(gguf_path, keep_blocks=keep_quantization, convert=drop)
     with atomic_folder(out_dir, overwrite=overwrite) as staging:
-        if keep_quantization:           # every tensor was read and checked; the file itself is what is kept
+        if keep_quantization:
             del tensors
-            shutil.copyfile(gguf_path, staging / GGUF_IN_FOLDER)
+            with atomic_path(staging / GGUF_IN_FOLDER) as tmp:
+                shutil.copyfile(gguf_path, tmp)
         else:
             write_safetensors(staging / "model.safetensors", tensors,
                               metadata={"format": "pt", "source": f"GGUF import of {gguf_path.name}"})
@@ -289,14 +298,14 @@ def write_side_files(folder: Path, config: dict, tokenizer, tokenizer_config: di
     write_json(folder / "config.json", config)
 
 
-def read_gguf(gguf_path: Path, keep_blocks: bool = False):
+def read_gguf(gguf_path: Path, keep_blocks: bool = False, convert=None):
     """A Llama/Qwen2 GGUF file -> (config dict, tensors, tokenizers.Tokenizer, tokenizer_config dict).
 
     The tensors are float32 arrays, or with keep_blocks the block-quantised matrices stay
     GGMLWeights (convert_tensors). The tokenizer and config are checked first: they fail fast.
     """
     reader, arch, config, tokenizer, tokenizer_config = read_gguf_metadata(gguf_path)
-    return config, convert_tensors(reader, gguf_path, arch, config, keep_blocks), tokenizer, tokenizer_config
+    return config, convert_tensors(reader, gguf_path, arch, config, keep_blocks, convert), tokenizer, tokenizer_config
 
 
 def read_gguf_metadata(gguf_path: Path):

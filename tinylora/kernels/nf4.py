@@ -23,7 +23,9 @@ nested statistics) byte for byte: the scaled value v = clamp(w · (1 / max(absma
 1e-38)), -1, 1) in float32, then q = the number of midpoints between adjacent
 NF4 values that lie strictly below v (torch.bucketize). Dequantising is one
 float32 multiply per weight, as bitsandbytes' CPU kernel does, so both are
-bit-identical to it (tests/test_nf4.py, against bitsandbytes itself).
+bit-identical to it (tests/test_quantized.py, against bitsandbytes itself) when
+rows are whole blocks, as in every checkpoint; where blocks straddle rows,
+bitsandbytes' CPU kernel applies the wrong scales and this one does not.
 
 `widen_rows` serves the training products (tiles of rows for BLAS, serial as
 bf16's is); `gemv_nf4` is the decoding product, one pass over the packed bytes.

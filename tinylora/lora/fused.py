@@ -36,7 +36,7 @@ from ..kernels.bf16 import f32_to_bf16
 from ..kernels.weights import as_weight
 from ..loading import load_model
 from .inject import lora_layers, merge
-from .peft import base_weights, load_adapter
+from .peft import base_weights, load_adapter, quantised_kinds
 
 # Files copied as they are from the source folder, when it has them.
 TOKENIZER_FILES = TOKENIZER_AND_GENERATION_FILES      # copied next to the merged weights
@@ -128,7 +128,7 @@ def fuse(model_path: str | os.PathLike, adapter_path: str | os.PathLike, save_pa
     model = load_model(model_path, dtype="float32", quantize=quantize)
     load_adapter(model, adapter_path)
     stored = base_weights(model)
-    if stored not in ("float32", "bfloat16", "float16"):
+    if quantised_kinds(stored):
         warnings.warn(f"fuse: the base's projections are held as {stored}: the merged weights are its "
                       f"dequantised values plus the update, written as {DTYPES[dtype]}, not the float "
                       "model's weights plus the update", stacklevel=2)

@@ -111,6 +111,14 @@ def save_adapter(model, folder: str | os.PathLike) -> Path:
 BASE_KEY = "tinylora.base_weights"
 
 
+FLOATS = {"float16", "bfloat16", "float32", "float64"}
+
+
+def quantised_kinds(base: str) -> set[str]:
+    """The quantised storage types in a base_weights string ("q4_k,q8_0" -> {"q4_k", "q8_0"}; floats -> {})."""
+    return set(base.split(",")) - FLOATS
+
+
 def base_weights(model) -> str:
     """The storage types of the model's frozen projection weights, sorted and comma-joined."""
     kinds = {getattr(t.data, "storage", t.data.dtype.name) for name, t in model.named_parameters()
@@ -158,7 +166,7 @@ def load_adapter(model, folder: str | os.PathLike):
                              n_layers=len(model.model.layers))
 
     trained_on, here = read_metadata(weights_path).get(BASE_KEY), base_weights(model)
-    if trained_on and trained_on != here:
+    if trained_on and quantised_kinds(trained_on) != quantised_kinds(here):
         warnings.warn(f"{folder}: the adapter was trained on a base held as {trained_on}; this base is "
                       f"{here}, so its outputs will differ somewhat from the trained model's", stacklevel=2)
     apply_lora(model, config)
