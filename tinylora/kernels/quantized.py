@@ -17,25 +17,15 @@ from __future__ import annotations
 import numpy as np
 
 from . import ggml, nf4
-from .weights import FrozenWeight
+from .weights import Bits16Weight, FrozenWeight
 
 QUANTIZE = ("nf4", "q8_0", "q4_0")       # what --quantize offers
 
 
-class F16Weight(FrozenWeight):
+class F16Weight(Bits16Weight):
     """A matrix of IEEE float16, held as its (O, I) uint16 bits; widened exactly (NumPy's own conversion)."""
 
     storage = "float16"
-
-    def __init__(self, bits: np.ndarray):
-        if bits.ndim != 2 or bits.dtype != np.uint16:
-            raise TypeError(f"F16Weight holds (O, I) uint16 bits, got {bits.dtype} {bits.shape}")
-        self.bits = np.ascontiguousarray(bits)
-        self.shape = bits.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.bits.nbytes
 
     def rows(self, start, stop, out=None):
         if out is None:
@@ -44,7 +34,28 @@ class F16Weight(FrozenWeight):
         return out[:stop - start]
 
 
-class GGMLWeight(FrozenWeight):
+class BlockWeight(FrozenWeight):
+    """A format whose kernel widens any list of rows at once: rows and gather are both that one call."""
+
+    def _widen_into(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """rows (O_sel,) int64 -> out[:O_sel] (O_sel, I) float32"""
+        raise NotImplementedError
+
+    def _widen(self, rows: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        if out is None:
+            out = np.empty((rows.size, self.shape[1]), dtype=np.float32)
+        self._widen_into(rows, out)
+        return out[:rows.size]
+
+    def rows(self, start, stop, out=None):
+        return self._widen(np.arange(start, stop, dtype=np.int64), out)
+
+    def gather(self, ids):
+        flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+        return self._widen(flat, None).reshape(ids.shape + (self.shape[1],))
+
+
+class GGMLWeight(BlockWeight):
     """A matrix in one of llama.cpp's block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), as stored.
 
     blocks: (O, I / block weights · block bytes) uint8, one row of blocks per output row (kernels/ggml.py).
@@ -67,24 +78,14 @@ class GGMLWeight(FrozenWeight):
     def nbytes(self) -> int:
         return self.blocks.nbytes
 
-    def _widen(self, rows: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-        if out is None:
-            out = np.empty((rows.size, self.shape[1]), dtype=np.float32)
+    def _widen_into(self, rows, out):
         ggml.widen_rows(self.blocks, ggml.KINDS[self.qtype], rows, out, ggml.HALF)
-        return out[:rows.size]
-
-    def rows(self, start, stop, out=None):
-        return self._widen(np.arange(start, stop, dtype=np.int64), out)
-
-    def gather(self, ids):
-        flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
-        return self._widen(flat, None).reshape(ids.shape + (self.shape[1],))
 
     def gemv(self, x, bias=None):
         return ggml.gemv_blocks(x, self.blocks, ggml.KINDS[self.qtype], ggml.HALF, bias)
 
 
-class NF4Weight(FrozenWeight):
+class NF4Weight(BlockWeight):
     """A matrix in bitsandbytes' NF4 layout (kernels/nf4.py), as `save_pretrained` writes it.
 
     packed:  (O·I/2,) uint8, two codes a byte, high nibble first, over the row-major matrix
@@ -134,19 +135,9 @@ class NF4Weight(FrozenWeight):
         packed, absmax = nf4.quantize_nf4(flat, blocksize, nf4.MIDPOINTS)
         return cls(packed, absmax, a.shape, blocksize)
 
-    def _widen(self, rows: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-        if out is None:
-            out = np.empty((rows.size, self.shape[1]), dtype=np.float32)
+    def _widen_into(self, rows, out):
         nf4.widen_rows(self.packed, self.absmax, self.code2, self.absmax2, self.blocksize2, self.offset,
                        self.blocksize, self.shape[1], rows, out, nf4.NF4)
-        return out[:rows.size]
-
-    def rows(self, start, stop, out=None):
-        return self._widen(np.arange(start, stop, dtype=np.int64), out)
-
-    def gather(self, ids):
-        flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
-        return self._widen(flat, None).reshape(ids.shape + (self.shape[1],))
 
     def gemv(self, x, bias=None):
         return nf4.gemv_nf4(x, self.packed, self.absmax, self.code2, self.absmax2, self.blocksize2, self.offset,

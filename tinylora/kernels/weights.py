@@ -138,16 +138,24 @@ class DenseWeight(FrozenWeight):
         return "blas"
 
 
-class BF16Weight(FrozenWeight):
-    """A matrix held as bfloat16: its 16-bit patterns in an (O, I) uint16 array (kernels/bf16.py)."""
-
-    storage = "bfloat16"
+class Bits16Weight(FrozenWeight):
+    """A matrix of some 16-bit float format, held as its (O, I) uint16 bit patterns (BF16Weight, F16Weight)."""
 
     def __init__(self, bits: np.ndarray):
         if bits.ndim != 2 or bits.dtype != np.uint16:
-            raise TypeError(f"BF16Weight holds (O, I) uint16 bits, got {bits.dtype} {bits.shape}")
+            raise TypeError(f"{type(self).__name__} holds (O, I) uint16 bits, got {bits.dtype} {bits.shape}")
         self.bits = np.ascontiguousarray(bits)
         self.shape = bits.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.nbytes
+
+
+class BF16Weight(Bits16Weight):
+    """A matrix held as bfloat16: its 16-bit patterns in an (O, I) uint16 array (kernels/bf16.py)."""
+
+    storage = "bfloat16"
 
     @classmethod
     def from_array(cls, a: np.ndarray) -> "BF16Weight":
@@ -155,10 +163,6 @@ class BF16Weight(FrozenWeight):
         if a.dtype.name == "bfloat16":
             return cls(a.view(np.uint16))
         return cls(f32_to_bf16(np.ascontiguousarray(a, dtype=np.float32)))
-
-    @property
-    def nbytes(self) -> int:
-        return self.bits.nbytes
 
     def rows(self, start, stop, out=None):
         if out is None:
