@@ -104,6 +104,22 @@ def test_peers_start_without_the_environment_tinylora_sets(monkeypatch):
         assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
+def test_a_worker_reports_its_own_peak_memory_not_its_parents():
+    """Linux carries ru_maxrss across fork and exec: a worker started by a large process reported at
+    least the parent's size (every row of one run read 0.89 GB). peak_memory_gb is the worker's own."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from tinylora.generate import peak_memory_gb
+    held = np.ones(1 << 27)                                      # 1 GiB, resident in this (the parent) process
+    child = subprocess.run([sys.executable, "-c", "from tinylora.generate import peak_memory_gb as p; print(p())"],
+                           capture_output=True, text=True, check=True)
+    assert peak_memory_gb() > 1.0 > 0.5 > float(child.stdout) > 0.0
+    del held
+
+
 def test_a_failing_worker_is_a_table_cell_not_a_crash():
     """A workload that cannot be built reports its error in the row; the bench goes on."""
     row = bench.run_workload(Workload("broken", "train", "no-such-model"), repeats=1, model_dir=None, peer=False)

@@ -29,8 +29,17 @@ from .tensor import no_grad
 
 
 def peak_memory_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    """Peak resident memory of this process so far, in GB (GiB): Linux's VmHWM, the peak of this program's
+    own memory. Not getrusage's ru_maxrss where VmHWM exists: Linux carries that across fork and exec, so a
+    process started by a large one (a benchmark's worker) would report at least its parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024 ** 2              # "VmHWM:   28692 kB"
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2   # KiB on Linux
 
 
 @dataclass

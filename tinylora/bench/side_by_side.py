@@ -19,7 +19,7 @@ How it measures, and why:
   alternate, tinylora-peer, peer-tinylora, ...; each figure is the median
   of its repetitions and the ratio is the ratio of those medians.
 * A fresh process per library and workload, so its peak resident memory
-  (getrusage's ru_maxrss) is that workload's and nothing else's.
+  (Linux's VmHWM, generate.peak_memory_gb) is that workload's and nothing else's.
 * Model-FLOPs utilisation (MFU) = model FLOPs per token x tokens/s / the
   machine's fp32 GEMM peak, which this process measures itself with
   np.matmul on 2048 x 2048 matrices once per round of repetitions (the
