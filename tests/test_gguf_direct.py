@@ -30,6 +30,28 @@ def test_gguf_loads_directly_with_its_blocks(tmp_path, arch):
     assert all(w.nbytes == w.size // 32 * 34 for w in blocks.values())         # 34 bytes per 32 weights, as stored
 
 
+def test_kept_blocks_are_the_files_pages_and_writing_them_never_changes_the_file(tmp_path):
+    """The blocks are views of the file's copy-on-write memory map, not a second copy in the process;
+    only Llama's permuted q/k rows are copies."""
+    write_gguf(tmp_path / "tiny.gguf", arch="llama", tied=False)
+    before = (tmp_path / "tiny.gguf").read_bytes()
+    model = tl.load_model(tmp_path / "tiny.gguf")
+    from tinylora.kernels.quantized import GGMLWeight
+
+    def mapped(a):                                               # a view, at some depth, of a memory map
+        while a is not None and not isinstance(a, np.memmap):
+            a = a.base
+        return a is not None
+    weights = {n: p.data for n, p in model.named_parameters() if isinstance(p.data, GGMLWeight)}
+    permuted = ("q_proj.weight", "k_proj.weight")
+    assert {n.split(".")[-2] for n in weights} >= {"q_proj", "down_proj"}
+    assert all(mapped(w.blocks) != n.endswith(permuted) for n, w in weights.items())
+    down = weights["model.layers.0.mlp.down_proj.weight"].blocks
+    assert down.flags.writeable
+    down[...] = 0                                                # a private page: the file keeps its bytes
+    assert (tmp_path / "tiny.gguf").read_bytes() == before
+
+
 def test_a_gguf_base_saves_as_a_float_folder_and_import_can_keep_the_blocks(tmp_path):
     write_gguf(tmp_path / "tiny.gguf")
     model = tl.load_model(tmp_path / "tiny.gguf")

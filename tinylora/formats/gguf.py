@@ -135,7 +135,8 @@ class Metadata:
 
 
 def open_gguf(path: str | os.PathLike):
-    """path -> gguf.GGUFReader (memory-mapped; tensors are read when touched)."""
+    """path -> gguf.GGUFReader, memory-mapped copy-on-write ("c"): tensors are read when touched, their
+    arrays are writable as NumPy and Numba expect, and a write would change a private page, never the file."""
     path = Path(path)
     try:
         import gguf
@@ -144,7 +145,7 @@ def open_gguf(path: str | os.PathLike):
     if not path.is_file():
         raise TinyloraError(f"{path}: no such GGUF file")
     try:
-        return gguf.GGUFReader(path)
+        return gguf.GGUFReader(path, "c")
     except (ValueError, OSError, IndexError) as e:
         raise TinyloraError(f"{path}: not a readable GGUF file ({e})") from None
 
@@ -206,6 +207,10 @@ def convert_tensors(reader, path: Path, arch: str, config: dict, keep_blocks: bo
 
     The Llama q/k row permutation moves whole rows, and a row of blocks is a row of weights,
     so it is undone on the blocks just as on the floats.
+
+    Kept blocks and bits are views of the file's memory map, as llama.cpp keeps them: the weights
+    are the file's pages (read once, shared with the page cache), not a second copy in the
+    process; only the permuted q/k rows are copies.
     """
     from gguf.quants import dequantize
 
@@ -227,12 +232,12 @@ def convert_tensors(reader, path: Path, arch: str, config: dict, keep_blocks: bo
             if not np.isfinite(ggml.block_scales(blocks, t.tensor_type.name)).all():
                 raise TinyloraError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}) has NaN or inf block "
                                     "scales; the file is damaged")
-            tensors[name] = put(name, GGMLWeight(np.array(_hf_rows(blocks, n_head)), t.tensor_type.name, shape))
+            tensors[name] = put(name, GGMLWeight(_hf_rows(blocks, n_head), t.tensor_type.name, shape))
             continue
         if keep_blocks and t.tensor_type.name in ("BF16", "F16") and len(shape) == 2:
             bits = np.asarray(t.data).view(np.uint16).reshape(shape)          # 16-bit floats as stored: bits kept
             kind = BF16Weight if t.tensor_type.name == "BF16" else F16Weight
-            tensors[name] = put(name, kind(np.array(_hf_rows(bits, n_head))))   # copies we own
+            tensors[name] = put(name, kind(_hf_rows(bits, n_head)))
             continue
         if t.tensor_type.name not in SUPPORTED_TYPES:
             raise TinyloraError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which tinylora does not "
@@ -326,4 +331,5 @@ def read_gguf_metadata(gguf_path: Path):
         raise TinyloraError(f"{gguf_path}: {tokenizer.get_vocab_size()} tokens, but token_embd.weight has "
                             f"only {config['vocab_size']} rows")
     tokenizer_config["model_max_length"] = config["max_position_embeddings"]
+    reader.fields.clear()       # read: the parsed metadata (~180 MB of small arrays for a 49k vocabulary) goes
     return reader, arch, config, tokenizer, tokenizer_config
