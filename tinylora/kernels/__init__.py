@@ -53,8 +53,10 @@ def parallel_when_large(min_size: int, fastmath=False):
         serial = nb.njit(cache=True, fastmath=fastmath)(twin)
 
         def kernel(*args):
-            size = max((a.size for a in args if hasattr(a, "size") and hasattr(a, "shape")), default=0)
-            return (parallel if size >= min_size else serial)(*args)
+            for a in args:                      # run serially unless some array argument is large
+                if isinstance(a, np.ndarray) and a.size >= min_size:
+                    return parallel(*args)
+            return serial(*args)
 
         kernel.parallel, kernel.serial, kernel.py_func = parallel, serial, fn
         kernel.__name__, kernel.__qualname__, kernel.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__

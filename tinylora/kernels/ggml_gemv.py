@@ -45,7 +45,7 @@ from llvmlite import ir                                          # numba's own c
 from numba.core import types
 from numba.extending import intrinsic
 
-from . import parallel_when_large
+from . import PARALLEL_MIN, parallel_when_large
 from .bf16 import GEMV_FASTMATH, ROWS, dot_into
 from .ggml import BLOCK, _half, _scale_min_k4, _u32, _widen_row
 
@@ -261,7 +261,7 @@ def _rows(dot, x, xs, blocks, half, n16, bias, y, start, stop):
 
 # As for bf16 (kernels/bf16.py, where the two fast-math flags are explained), each thread takes
 # ROWS weight rows; the only pass over memory reads the blocks.
-@parallel_when_large(1 << 20, fastmath=GEMV_FASTMATH)
+@parallel_when_large(PARALLEL_MIN, fastmath=GEMV_FASTMATH)
 def gemv_blocks(x, blocks, kind, half, bias=None):
     """x (N, I) float32, blocks (O, row bytes) uint8 of type `kind`, bias (O,) or None -> y (N, O), small N"""
     N, I = x.shape
@@ -299,7 +299,7 @@ def gemv_blocks(x, blocks, kind, half, bias=None):
 # The simple version gemv_blocks replaced: widen each row into an L1-resident float32 buffer and dot
 # it with every row of x. Under "contract" the widening's d · q + m may become one fused multiply-add,
 # so its weights can differ from `widen_rows`' in the last bit.
-@parallel_when_large(1 << 20, fastmath=GEMV_FASTMATH)
+@parallel_when_large(PARALLEL_MIN, fastmath=GEMV_FASTMATH)
 def gemv_widened(x, blocks, kind, half, bias=None):
     """As gemv_blocks, by widening each row (3-15x slower on weights not in cache)."""
     N, I = x.shape
