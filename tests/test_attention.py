@@ -299,3 +299,27 @@ def test_bad_shapes_fail_clearly():
         attention(q, k, v, np.ones((2, 3)))
     with pytest.raises(ValueError, match="one dtype"):
         attention(q, Tensor(k.data.astype(np.float32)), v)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_decoding_step_skips_padding_and_matches_the_reference(dtype):
+    """T = 1 runs attention_one_query: padded keys (even NaN ones) are skipped, a query with no
+    visible key gives zeros and lse = +inf, and a strided cache view gives the reference's numbers."""
+    B, S, H, Kh, D = 3, 9, 6, 2, 7
+    rng = np.random.default_rng(5)
+    q, k, v = make_inputs(rng, B, 1, S, H, Kh, D, dtype)
+    cache_k = np.full((B, S + 4, Kh, D), np.nan, dtype=dtype)
+    cache_v = np.full((B, S + 4, Kh, D), np.nan, dtype=dtype)
+    cache_k[:, :S], cache_v[:, :S] = k, v
+    mask = np.ones((B, S), dtype=np.bool_)
+    mask[1, :3] = False
+    mask[2] = False                                 # nothing to attend to
+    k[1, :3] = np.nan
+    cache_k[1, :3] = np.nan
+    out, lse = K.attention_forward(q, cache_k[:, :S], cache_v[:, :S], mask, 1.0 / np.sqrt(D))
+    assert out.dtype == dtype and lse.dtype == np.float64
+    ref = reference(q.astype(np.float64), np.nan_to_num(k).astype(np.float64), v.astype(np.float64), mask,
+                    np.ones(q.shape))
+    assert_close(out[:2], ref[0][:2], tol_for(dtype), "out")
+    assert (out[2] == 0).all() and np.isinf(lse[2]).all() and np.isfinite(lse[:2]).all()
+    assert_close(lse[:2], ref[4][:2], tol_for(dtype), "lse")

@@ -40,6 +40,9 @@ keys 0 .. S - T + t1 - 1, the ones its last query can see: causal attention
 then costs about half of the full (T, S) square, and the score tile is
 bounded by (B, K, Q_BLOCK*G, S) whatever T is.
 
+One decoding step (T = 1) has too little work for BLAS tiles to pay: `attention_one_query`
+does it in plain loops, with the same softmax.
+
 Like FlashAttention (Dao et al., 2022) the forward keeps only lse per
 (b, t, h), not the (T, S) probability matrix; the backward recomputes each
 tile of p from s and lse. Products run in the input's dtype (float32 BLAS
@@ -156,10 +159,78 @@ def _blocks(T):
     return [(t0, min(t0 + Q_BLOCK, T)) for t0 in range(0, T, Q_BLOCK)]
 
 
+@nb.njit(inline="always", cache=True)
+def _dot(a, b):
+    """a . b over the length of a, as four interleaved partial sums in a's dtype (as sum_f64: without
+    fast-math one accumulator is a chain of dependent additions; four overlap). The order is fixed."""
+    z = a.dtype.type(0.0)
+    s0 = s1 = s2 = s3 = z
+    n, j = a.size, 0
+    while j + 4 <= n:
+        s0 += a[j] * b[j]
+        s1 += a[j + 1] * b[j + 1]
+        s2 += a[j + 2] * b[j + 2]
+        s3 += a[j + 3] * b[j + 3]
+        j += 4
+    while j < n:
+        s0 += a[j] * b[j]
+        j += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@parallel_when_large(PARALLEL_MIN)
+def attention_one_query(q, k, v, key_mask, scale):
+    """q (B, 1, H, D), k (B, S, K, D), v (B, S, K, D), key_mask (B, S) bool, scale
+    -> out (B, 1, H, D), lse (B, 1, H) float64
+
+    One decoding step: its query sits after every key, so none is in the future. The same
+    softmax as softmax_rows (the max first, float64 sum and log, padded keys skipped, no
+    visible key -> zeros and lse = +inf), in one pass of loops per head instead of the tiled
+    path's six NumPy calls around two small BLAS products (66 -> ~10 us a SmolLM2 layer).
+    """
+    B, _, H, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = H // K
+    out = np.zeros(q.shape, dtype=q.dtype)
+    lse = np.empty((B, 1, H), dtype=np.float64)
+    for item in nb.prange(B * H):
+        b, h = item // H, item % H
+        g = h // G                                        # the kv head of query head h (GQA)
+        qs = q[b, 0, h] * q.dtype.type(scale)             # (D,) scale folded into q, as the tiles do
+        s = np.zeros(S, dtype=q.dtype)                    # s_j = scale q . k_j, then e_j
+        m, n_visible = -np.inf, 0
+        for j in range(S):
+            if key_mask[b, j]:
+                acc = _dot(qs, k[b, j, g])
+                s[j] = acc
+                n_visible += 1
+                if acc > m:
+                    m = acc
+        if n_visible == 0:
+            lse[b, 0, h] = np.inf
+            continue
+        m_row = q.dtype.type(m)
+        for j in range(S):
+            if key_mask[b, j]:
+                s[j] = exp_like(s[j] - m_row)
+        l = sum_f64(s, S)
+        inv = q.dtype.type(1.0 / l)
+        o = out[b, 0, h]
+        for j in range(S):
+            if key_mask[b, j]:                            # a padded key is skipped, never multiplied by 0
+                p = s[j] * inv
+                for d in range(D):
+                    o[d] += p * v[b, j, g, d]
+        lse[b, 0, h] = m + np.log(l)
+    return out, lse
+
+
 def attention_forward(q, k, v, key_mask, scale):
     """q (B, T, H, D), k (B, S, K, D), v (B, S, K, D), key_mask (B, S) bool, scale
     -> out (B, T, H, D), lse (B, T, H) float64"""
     B, T, H, D = q.shape
+    if T == 1:
+        return attention_one_query(q, k, v, key_mask, scale)
     S, K = k.shape[1], k.shape[2]
     G, past = H // K, S - T
     qg = _grouped(q * q.dtype.type(scale), K)             # (B, K, T*G, D), scale folded into q
