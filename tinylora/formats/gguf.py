@@ -314,7 +314,8 @@ def read_gguf(gguf_path: Path, keep_blocks: bool = False, convert=None):
 
 
 def read_gguf_metadata(gguf_path: Path):
-    """-> (the gguf reader, architecture, config dict, tokenizers.Tokenizer, tokenizer_config dict), no tensor read."""
+    """-> (the gguf reader, architecture, config dict, tokenizers.Tokenizer, tokenizer_config dict), no tensor read.
+    The reader keeps its tensors; its metadata fields are emptied once read (they are large and not needed again)."""
     reader = open_gguf(gguf_path)
     meta = Metadata(reader, gguf_path)
     arch = meta.get("general.architecture")
@@ -331,5 +332,5 @@ def read_gguf_metadata(gguf_path: Path):
         raise TinyloraError(f"{gguf_path}: {tokenizer.get_vocab_size()} tokens, but token_embd.weight has "
                             f"only {config['vocab_size']} rows")
     tokenizer_config["model_max_length"] = config["max_position_embeddings"]
-    reader.fields.clear()       # read: the parsed metadata (~180 MB of small arrays for a 49k vocabulary) goes
+    reader.fields.clear()       # ~180 MB of small arrays for a 49k vocabulary, all read by now
     return reader, arch, config, tokenizer, tokenizer_config

@@ -186,7 +186,7 @@ def attention_one_query(q, k, v, key_mask, scale):
     One decoding step: its query sits after every key, so none is in the future. The same
     softmax as softmax_rows (the max first, float64 sum and log, padded keys skipped, no
     visible key -> zeros and lse = +inf), in one pass of loops per head instead of the tiled
-    path's six NumPy calls around two small BLAS products (66 -> ~10 us a SmolLM2 layer).
+    path's six NumPy calls around two small BLAS products (58 -> 35 us a SmolLM2 layer at 100 keys).
     """
     B, _, H, D = q.shape
     S, K = k.shape[1], k.shape[2]

@@ -130,7 +130,7 @@ def _widen_row(packed, absmax, code2, absmax2, blocksize2, offset, blocksize, f0
     """The row starting at flat index f0 -> out (I,), when rows are whole blocks (every real checkpoint).
 
     Each byte is one lookup of its two code values (`_pairs`: 2 KiB, in L1), each times the block's
-    absmax: the same float32 numbers as table[q] · absmax_b. 0.77 ns a weight on a Zen 2 core (AVX2),
+    absmax: the same float32 numbers as table[q] · absmax_b. ~0.8 ns a weight on a Zen 2 core (AVX2),
     against 1.0 for a per-block table of the 16 scaled values looked up nibble by nibble (0.5 on an
     AVX-512 Xeon), ~0.2 for bf16's widening, and ~2.3 for a BLAS product's share at N = 256.
     """
