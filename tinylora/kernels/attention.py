@@ -48,8 +48,9 @@ Like FlashAttention (Dao et al., 2022) the forward keeps only lse per
 tile of p from s and lse. Products run in the input's dtype (float32 BLAS
 accumulates in float32, as PyTorch's does); exp is kernels/exp.py's, in
 the input's precision; the softmax's sum and log are taken in float64, and
-lse is always float64. No fastmath beyond `_scores` reordering its sums: it would let LLVM assume NaN never
-occurs and turn one into 0.
+lse is always float64. No fastmath flag that would let LLVM assume NaN
+never occurs (and turn one into 0); only `_scores` lets its sums be
+reordered, so that they vectorise.
 
 The op and its math are in `tinylora/ops/attention.py`; the vectorised NumPy
 reference these kernels are tested against is in `tests/test_attention.py`.
