@@ -27,7 +27,7 @@ GROUPS = {
     "kernels": (1, ["tinylora.kernels"]),
     "formats": (2, ["tinylora.formats"]),
     "engine": (3, ["tinylora.tensor", "tinylora.ops"]),
-    "core": (4, ["tinylora.nn", "tinylora.config", "tinylora.model", "tinylora.cache", "tinylora.generate",
+    "core": (4, ["tinylora.nn", "tinylora.config", "tinylora.model", "tinylora.cache", "tinylora.decode", "tinylora.generate",
                  "tinylora.tokenizer", "tinylora.optim", "tinylora.loading"]),
     "lora": (5, ["tinylora.lora"]),
     "train": (6, ["tinylora.train"]),

@@ -2,6 +2,7 @@
 
     prefill:  run all prompt tokens, filling the cache; the logits of the last one give token 1
     decode:   run the newest token alone against the cache; its logits give the next token
+              (decode.py: the same forward on plain arrays, without the autograd bookkeeping)
 
 Choosing a token from the logits z (V,):
     greedy (temperature 0):  argmax z
@@ -24,7 +25,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .cache import KVCache
+from .decode import decode_step
 from .errors import TinyloraError
+from .ops.reference import FUSED
 from .tensor import no_grad
 
 
@@ -126,10 +129,18 @@ def _decode(model, prompt_ids, max_tokens, temperature, top_k, top_p, rng, stop,
             yield token
             if n + 1 == max_tokens:
                 break
-            h = model.hidden_states(np.array([[token]]), cache=cache)          # decode (1, 1, C)
-            token = sample_next(model.lm_head(h).data[0, -1], temperature, top_k, top_p, rng)
+            token = sample_next(_next_logits(model, token, cache), temperature, top_k, top_p, rng)
             stats.generation_seconds = time.perf_counter() - start
         stats.generation_seconds = time.perf_counter() - start
+
+
+def _next_logits(model, token: int, cache: KVCache) -> np.ndarray:
+    """One decoding step -> logits (V,): decode.py's array path for a model of the fused ops, the
+    modules themselves for one built from the reference ops (ops/reference.py), which it tests."""
+    if model.ops is FUSED:
+        return decode_step(model, token, cache)
+    h = model.hidden_states(np.array([[token]]), cache=cache)                  # (1, 1, C)
+    return model.lm_head(h).data[0, -1]
 
 
 def generate(model, tokenizer, prompt_ids: list[int], max_tokens: int = 100, temperature: float = 0.0,

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .kernels import weights
 from .ops.embedding import embedding
 from .ops.linear import linear
 from .ops.rmsnorm import rms_norm
@@ -106,6 +107,10 @@ class Linear(Module):
 
     def __call__(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """x (N, in) array -> x Wᵀ + b (N, out): the same product on plain arrays, no graph (decode.py)"""
+        return weights.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
 
 
 class Embedding(Module):

@@ -58,6 +58,13 @@ class LoraLinear(Module):
         return self.ops.lora_linear(x, self.base_layer.weight, self.lora_A.weight, self.lora_B.weight,
                                     self.base_layer.bias, scale=self.scale, keep=keep)
 
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """x (N, in) array -> base_layer(x) + scale · x Aᵀ Bᵀ (N, out), no graph, no dropout (decode.py);
+        the same products in the same order as LoraLinearFn's forward, so the same numbers"""
+        y = self.base_layer.infer(x)                                            # (N, out)
+        y += (x @ self.lora_A.weight.data.T * self.scale) @ self.lora_B.weight.data.T
+        return y
+
     def delta_weight(self) -> np.ndarray:
         """ΔW = scale · B A (out, in), in A's dtype."""
         return self.scale * (self.lora_B.weight.data @ self.lora_A.weight.data)
