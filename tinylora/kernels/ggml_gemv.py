@@ -47,7 +47,8 @@ from numba.extending import intrinsic
 
 from . import PARALLEL_MIN, parallel_when_large
 from .bf16 import GEMV_FASTMATH, ROWS, dot_into
-from .ggml import BLOCK, _half, _scale_min_k4, _u32, _widen_row
+from .ggml import BLOCK, _half, _scale_min_k4, _widen_row
+from .vector_ir import q4_0_row_dot, q4_1_row_dot, q5_0_row_dot, q5_1_row_dot, q8_0_row_dot
 
 
 @intrinsic
@@ -86,70 +87,35 @@ def _bits(v, shift, mask):
     return np.int32(np.int32(v >> shift) & mask)
 
 
+# The 32-weight block types: one loop per row in LLVM vector IR (kernels/vector_ir.py), 8 lanes throughout.
 @nb.njit(cache=True, inline="always")
 def _dot_q8_0(x, xs, blocks, r, half, n16):
-    """Q8_0 block: Σ x_j (d q_j) = d Σ x_j q_j, q an int8."""
-    s = np.float32(0.0)
-    for b in range(x.size // BLOCK):
-        p, o = 34 * b, BLOCK * b
-        t = np.float32(0.0)
-        for j in range(2 * n16):
-            t += x[o + j] * _f32(np.int8(blocks[r, p + 2 + j]))
-        s += _half(blocks, r, p, half) * t
-    return s
+    """Q8_0 row: Σ_b d_b Σ_j x_j q_j, q an int8."""
+    return q8_0_row_dot(x, xs, blocks, r, half)
 
 
 @nb.njit(cache=True, inline="always")
 def _dot_q4_0(x, xs, blocks, r, half, n16):
-    """Q4_0 block: Σ x_j d (q_j - 8) = d Σ x_j (q_j - 8), q_j the low nibble of byte j, q_j+16 its high one."""
-    s = np.float32(0.0)
-    for b in range(x.size // BLOCK):
-        p, o = 18 * b, BLOCK * b
-        t = np.float32(0.0)
-        for j in range(n16):
-            byte = np.int32(blocks[r, p + 2 + j])
-            t += x[o + j] * _f32((byte & 0xF) - 8) + x[o + 16 + j] * _f32((byte >> 4) - 8)
-        s += _half(blocks, r, p, half) * t
-    return s
+    """Q4_0 row: Σ_b d_b Σ_j x_j (q_j - 8), q_j the low nibble of byte j, q_j+16 its high one."""
+    return q4_0_row_dot(x, xs, blocks, r, half)
 
 
 @nb.njit(cache=True, inline="always")
 def _dot_q4_1(x, xs, blocks, r, half, n16):
-    """Q4_1 block: Σ x_j (d q_j + m) = d Σ x_j q_j + m Σ x_j."""
-    s = np.float32(0.0)
-    for b in range(x.size // BLOCK):
-        p, o = 20 * b, BLOCK * b
-        t = np.float32(0.0)
-        for j in range(n16):
-            byte = np.int32(blocks[r, p + 4 + j])
-            t += x[o + j] * _f32(byte & 0xF) + x[o + 16 + j] * _f32(byte >> 4)
-        s += _half(blocks, r, p, half) * t + _half(blocks, r, p + 2, half) * xs[b]
-    return s
-
-
-BIT = (np.int64(1) << np.arange(32)).astype(np.int32)    # BIT[j] = 1 << j: a vector load, not a variable shift
+    """Q4_1 row: Σ_b d_b Σ_j x_j q_j + m_b Σ_j x_j."""
+    return q4_1_row_dot(x, xs, blocks, r, half)
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q5(kind, x, xs, blocks, r, half, n16):
-    """Q5_0 block: d Σ x_j (q_j - 16); Q5_1 block: d Σ x_j q_j + m Σ x_j; bit j of qh is q_j's 5th bit."""
-    size, qs = (22, 6) if kind == 3 else (24, 8)
-    s = np.float32(0.0)
-    for b in range(x.size // BLOCK):
-        p, o = size * b, BLOCK * b
-        qh = np.int32(_u32(blocks, r, p + qs - 4))
-        t = np.float32(0.0)
-        for j in range(n16):
-            byte = np.int32(blocks[r, p + qs + j])
-            lo = _bits(byte, 0, 0xF) | (np.int32(np.int32(qh & BIT[j]) != 0) << 4)
-            hi = _bits(byte, 4, 0xF) | (np.int32(np.int32(qh & BIT[j + 16]) != 0) << 4)
-            if kind == 3:
-                lo, hi = lo - 16, hi - 16
-            t += x[o + j] * _f32(lo) + x[o + 16 + j] * _f32(hi)
-        s += _half(blocks, r, p, half) * t
-        if kind == 4:
-            s += _half(blocks, r, p + 2, half) * xs[b]
-    return s
+def _dot_q5_0(x, xs, blocks, r, half, n16):
+    """Q5_0 row: Σ_b d_b Σ_j x_j (q_j - 16), bit j of qh q_j's 5th bit."""
+    return q5_0_row_dot(x, xs, blocks, r, half)
+
+
+@nb.njit(cache=True, inline="always")
+def _dot_q5_1(x, xs, blocks, r, half, n16):
+    """Q5_1 row: Σ_b d_b Σ_j x_j q_j + m_b Σ_j x_j."""
+    return q5_1_row_dot(x, xs, blocks, r, half)
 
 
 @nb.njit(cache=True, inline="always")
@@ -214,16 +180,6 @@ def _dot_q6_k(x, xs, blocks, r, half, n16):
             for i, t in enumerate((t0, t1, t2, t3, t4, t5, t6, t7)):
                 s += (d * _f32(np.int8(blocks[r, p + 192 + 8 * h + i]))) * t
     return s
-
-
-@nb.njit(cache=True, inline="always")
-def _dot_q5_0(x, xs, blocks, r, half, n16):
-    return _dot_q5(3, x, xs, blocks, r, half, n16)
-
-
-@nb.njit(cache=True, inline="always")
-def _dot_q5_1(x, xs, blocks, r, half, n16):
-    return _dot_q5(4, x, xs, blocks, r, half, n16)
 
 
 @nb.njit(cache=True, inline="always")

@@ -1,0 +1,169 @@
+"""Row dot products written as LLVM vector IR: what Numba's loop vectoriser does not find by itself.
+
+A decoding GEMV (kernels/ggml_gemv.py) sums, for each row of blocks, every
+block's scale d_b times that block's dot product with x:
+
+    y_o = Σ_b d_b Σ_j x_{32b+j} q_{b,j}
+
+Written as Numba loops, LLVM vectorises each block's inner sum and then
+reduces it to one float (a horizontal add of 8 lanes, ~6 instructions)
+before multiplying by d_b: per 32-weight block that reduction and the loop
+around it cost as much as the products. Here the whole row is one loop in
+LLVM IR that keeps 8 lanes throughout, as llama.cpp's AVX2 kernels do:
+
+    t   = x[0:8] q[0:8] + x[8:16] q[8:16] + ...    (8 lanes, fused multiply-adds)
+    acc = acc + d_b t                               (8 lanes: d_b broadcast)
+    y_o = the 8 lanes of acc, summed once, in a fixed order
+
+The IR uses only LLVM's target-independent vector operations (`<8 x float>`,
+`sitofp`, `llvm.fma`), which LLVM lowers to AVX2 or AVX-512 registers on x86
+and to NEON on ARM: nothing to detect, nothing to fall back from. It
+replaced a Numba loop over blocks (a float32 t += x_j · q_j over the 32
+codes, then s += d · t), measured here at 113 -> 54 us for a 1536 x 576
+Q8_0 GEMV on one core with the weights in cache. The simple version tests
+hold it to is still `gemv_widened` (widen the row, then dot it). NaN and
+inf scales propagate (no fast-math flag assumes them away).
+"""
+
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+F32, I8, I16, I32, I64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+LANES = 8
+V8F = ir.VectorType(F32, LANES)
+V8I8 = ir.VectorType(I8, LANES)
+
+
+def _const(n: int) -> ir.Constant:
+    return ir.Constant(I64, n)
+
+
+def _fma(builder, a, b, c):
+    """a * b + c, lane by lane, rounded once (llvm.fma: vfmadd on x86 with FMA)."""
+    name = "llvm.fma.v8f32"
+    fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(V8F, [V8F] * 3), name=name)
+    return builder.call(fn, [a, b, c])
+
+
+def _splat(builder, value):
+    """A float -> a vector of 8 copies of it."""
+    v = builder.insert_element(ir.Constant(V8F, ir.Undefined), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(V8F, ir.Undefined), ir.Constant(ir.VectorType(I32, LANES), [0] * LANES))
+
+
+def _lane_sum(builder, v):
+    """The 8 lanes summed as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)): one fixed order."""
+    lanes = [builder.extract_element(v, ir.Constant(I32, i)) for i in range(LANES)]
+    s = [builder.fadd(lanes[i], lanes[i + 4]) for i in range(4)]
+    return builder.fadd(builder.fadd(s[0], s[2]), builder.fadd(s[1], s[3]))
+
+
+V8I32 = ir.VectorType(I32, LANES)
+
+# The 32-weight block types by kernels/ggml.py's kind number: (bytes, offset of the min m or None,
+# offset of the 5th bits qh or None, offset of the codes, what is subtracted from each code).
+LAYOUTS = {0: (34, None, None, 2, 0),      # Q8_0: d, 32 int8 codes
+           1: (18, None, None, 2, 8),      # Q4_0: d, 16 bytes of two 4-bit codes
+           2: (20, 2, None, 4, 0),         # Q4_1: d, m, 16 bytes of two 4-bit codes
+           3: (22, None, 2, 6, 16),        # Q5_0: d, qh, 16 bytes of low 4 bits
+           4: (24, 2, 4, 8, 0)}            # Q5_1: d, m, qh, 16 bytes of low 4 bits
+
+
+def _ivec(values) -> ir.Constant:
+    return ir.Constant(V8I32, list(values))
+
+
+def _load(builder, p, offset: int, typ, align: int = 1):
+    return builder.load(builder.bitcast(builder.gep(p, [_const(offset)]), typ.as_pointer()), align=align)
+
+
+def _block_codes(builder, kind: int, p):
+    """The 32 codes of the block at byte p, minus the type's offset, as 4 vectors of 8 int32:
+    weights 0-7, 8-15, 16-23, 24-31 (kernels/ggml.py's layouts)."""
+    size, _, qh_at, qs_at, minus = LAYOUTS[kind]
+    if kind == 0:
+        return [builder.sext(_load(builder, p, qs_at + LANES * g, V8I8), V8I32) for g in range(4)]
+    nibbles = [builder.zext(_load(builder, p, qs_at + LANES * g, V8I8), V8I32) for g in range(2)]
+    codes = [builder.and_(v, _ivec([15] * LANES)) for v in nibbles]             # weights j: low nibbles
+    codes += [builder.lshr(v, _ivec([4] * LANES)) for v in nibbles]             # weights j + 16: high ones
+    if qh_at is not None:                                                       # bit j of qh: weight j's 5th
+        qh = builder.insert_element(ir.Constant(V8I32, ir.Undefined), _load(builder, p, qh_at, I32),
+                                    ir.Constant(I32, 0))
+        qh = builder.shuffle_vector(qh, ir.Constant(V8I32, ir.Undefined), _ivec([0] * LANES))
+        for g in range(4):
+            bit = builder.and_(builder.lshr(qh, _ivec(range(LANES * g, LANES * g + LANES))), _ivec([1] * LANES))
+            codes[g] = builder.or_(codes[g], builder.shl(bit, _ivec([4] * LANES)))
+    if minus:
+        codes = [builder.sub(c, _ivec([minus] * LANES)) for c in codes]
+    return codes
+
+
+def _row_dot(kind: int):
+    """The intrinsic for one 32-weight block type: (x (I,) float32, xs (I/32,) float32 block sums of x,
+    blocks (O, row bytes) uint8, row r, half (65536,) float32) -> float32
+
+        Σ_b d_b Σ_j x_{32b+j} q_{b,j}  (+ Σ_b m_b xs_b for the types with a min)
+
+    every array C-contiguous, I a multiple of 32."""
+    size, min_at, _, _, _ = LAYOUTS[kind]
+
+    def row_dot(typingctx, x, xs, blocks, r, half):
+        def f32_vector(a):
+            return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 and a.layout == "C"
+        if not (f32_vector(x) and f32_vector(xs) and f32_vector(half) and isinstance(r, types.Integer)
+                and isinstance(blocks, types.Array) and blocks.dtype == types.uint8 and blocks.ndim == 2
+                and blocks.layout == "C"):
+            return None
+
+        def codegen(context, builder, signature, args):
+            xa, sa, ba, _, ha = (context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
+                                 for t, a in zip(signature.args, args))
+            r64 = context.cast(builder, args[3], signature.args[3], types.int64)
+            n_blocks = builder.udiv(builder.extract_value(xa.shape, 0), _const(32))
+            row = builder.gep(ba.data, [builder.mul(r64, builder.extract_value(ba.shape, 1))])
+            zero = ir.Constant(V8F, [0.0] * LANES)
+            entry = builder.block
+            loop, done = builder.append_basic_block("block"), builder.append_basic_block("done")
+            builder.cbranch(builder.icmp_signed(">", n_blocks, _const(0)), loop, done)
+
+            builder.position_at_end(loop)                          # one block b per iteration
+            b, acc, acc_min = builder.phi(I64), builder.phi(V8F), builder.phi(F32)
+            b.add_incoming(_const(0), entry)
+            acc.add_incoming(zero, entry)
+            acc_min.add_incoming(ir.Constant(F32, 0.0), entry)
+            p = builder.gep(row, [builder.mul(b, _const(size))])  # the block's first byte
+
+            def half_at(offset):                                   # the float16 at p + offset, widened
+                bits = _load(builder, p, offset, I16)
+                return builder.load(builder.gep(ha.data, [builder.zext(bits, I64)]))
+            t = None
+            for g, code in enumerate(_block_codes(builder, kind, p)):
+                xv = _load(builder, builder.gep(xa.data, [builder.mul(b, _const(32))]), LANES * g, V8F, align=4)
+                qf = builder.sitofp(code, V8F)                     # small integers: exact in float32
+                t = builder.fmul(xv, qf) if t is None else _fma(builder, xv, qf, t)
+            acc_next = _fma(builder, _splat(builder, half_at(0)), t, acc)          # acc + d t
+            min_next = acc_min
+            if min_at is not None:                                 # + m Σ_j x_j
+                xs_b = builder.load(builder.gep(sa.data, [b]))
+                min_next = builder.fadd(acc_min, builder.fmul(half_at(min_at), xs_b))
+            b_next = builder.add(b, _const(1))
+            b.add_incoming(b_next, loop)
+            acc.add_incoming(acc_next, loop)
+            acc_min.add_incoming(min_next, loop)
+            builder.cbranch(builder.icmp_signed("<", b_next, n_blocks), loop, done)
+
+            builder.position_at_end(done)
+            total, total_min = builder.phi(V8F), builder.phi(F32)
+            total.add_incoming(zero, entry)
+            total.add_incoming(acc_next, loop)
+            total_min.add_incoming(ir.Constant(F32, 0.0), entry)
+            total_min.add_incoming(min_next, loop)
+            s = _lane_sum(builder, total)
+            return s if min_at is None else builder.fadd(s, total_min)
+        return types.float32(x, xs, blocks, r, half), codegen
+    row_dot.__name__ = f"row_dot_kind{kind}"
+    return intrinsic(row_dot)
+
+
+q8_0_row_dot, q4_0_row_dot, q4_1_row_dot, q5_0_row_dot, q5_1_row_dot = (_row_dot(k) for k in range(5))
