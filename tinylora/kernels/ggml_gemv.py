@@ -23,20 +23,17 @@ weights give inf or the reverse, as inf · 0 now falls elsewhere.
 `gemv_widened` (widen a row to float32, then dot it) is the simple
 version, kept as the reference these kernels replaced.
 
-How LLVM vectorises them (Numba runs its loop vectoriser, not the SLP one):
-a loop over a fixed range(16) or range(32) is unrolled into 16 or 32 scalar
-copies and never vectorised, so the loops within a block run over
-range(_upto(16, I)): 16 for any real row, but a number the compiler cannot
-fold, so it vectorises the loop instead (in one or two 8-float steps, as it
-still knows the trip count is at most 16). Every integer goes through int32
-(`_f32`) so that the vectors hold 8 lanes, not 4 of Numba's default int64.
-With float32 x a 4-bit block costs a byte load, a mask, a shift, two int ->
-float conversions and two fused multiply-adds per 8 bytes; with int8 x LLVM
-emits vpmaddwd / vpdpwssd dot products, but the work per block (its scales,
-the horizontal sum, the loop) dominates and that version measured slower
-(Q4_1: 6.9 against 8.9 Gweights/s on one core). A loop over two blocks at a
-time was slower too. Each row also asks for the row ~4 KiB ahead of it to
-be fetched into cache (`_prefetch`, see PREFETCH_BYTES).
+How they vectorise: written as Numba loops over each block, LLVM vectorised
+the block's inner sum and then reduced its 8 lanes to one float before the
+block's scale, and that reduction with the loop around it cost as much as
+the products. So each row's dot product is one loop in LLVM vector IR
+(kernels/vector_ir.py) that keeps 8 lanes across all blocks and sums them
+once per row; the K types' scales are unpacked by a plain Numba loop first,
+one float32 per sub-block. Measured on one Zen 2 core, weights in cache:
+1536 x 576 Q8_0 113 -> 54-60 us, Q5_0 (as 576 x 576) ~1.3x, 576 x 1536 Q6_K
+250 -> 150 us. With int8 x (llama.cpp quantises x too) the block loops were
+slower still (Q4_1: 6.9 against 8.9 Gweights/s). Each row also asks for the
+row ~4 KiB ahead of it to be fetched into cache (`_prefetch`, PREFETCH_BYTES).
 """
 
 import numba as nb
@@ -48,7 +45,8 @@ from numba.extending import intrinsic
 from . import PARALLEL_MIN, parallel_when_large
 from .bf16 import GEMV_FASTMATH, ROWS, dot_into
 from .ggml import BLOCK, _half, _scale_min_k4, _widen_row
-from .vector_ir import q4_0_row_dot, q4_1_row_dot, q5_0_row_dot, q5_1_row_dot, q8_0_row_dot
+from .vector_ir import (q4_0_row_dot, q4_1_row_dot, q4_k_row_dot, q5_0_row_dot, q5_1_row_dot, q5_k_row_dot,
+                        q6_k_row_dot, q8_0_row_dot)
 
 
 @intrinsic
@@ -69,8 +67,10 @@ def _prefetch(typingctx, a, i):
 
 @nb.njit(cache=True, inline="always")
 def _upto(n, I):
-    """n, for any I >= n, as a value LLVM cannot see is constant (see the module's docstring); at least 1,
-    so that it does not also compile a version of each loop nest for the case the inner loops never run."""
+    """n, for any I >= n, as a value LLVM cannot see is constant: a loop over a fixed range(32) is unrolled
+    into 32 scalar copies and never vectorised (Numba runs the loop vectoriser, not the SLP one), a loop
+    over range(_upto(32, I)) is vectorised. At least 1, so that no version of the loop nest is compiled
+    for the case the inner loop never runs."""
     return max(1, min(n, I))
 
 
@@ -78,13 +78,6 @@ def _upto(n, I):
 def _f32(i):
     """An integer as float32, converted from int32: vector lanes of 32 bits."""
     return np.float32(np.int32(i))
-
-
-@nb.njit(cache=True, inline="always")
-def _bits(v, shift, mask):
-    """(v >> shift) & mask of an int32 v, each step cast back to int32 (Numba computes in int64; one cast
-    per step lets LLVM narrow each back to 32 bits, which a single cast at the end does not always)."""
-    return np.int32(np.int32(v >> shift) & mask)
 
 
 # The 32-weight block types: one loop per row in LLVM vector IR (kernels/vector_ir.py), 8 lanes throughout.
@@ -118,68 +111,37 @@ def _dot_q5_1(x, xs, blocks, r, half, n16):
     return q5_1_row_dot(x, xs, blocks, r, half)
 
 
+# The super-block types: the scales unpacked here, one float32 per sub-block (and the minima's term
+# summed here, a scalar per sub-block); the codes' dot products in LLVM vector IR (kernels/vector_ir.py).
 @nb.njit(cache=True, inline="always")
 def _dot_q45_k(kind, x, xs, blocks, r, half, n16):
-    """Q4_K, Q5_K super-block: Σ_i (d sc_i) Σ_j x_ij q_ij - (dmin m_i) Σ_j x_ij over its 8 sub-blocks i of 32.
-    Sub-blocks 2c and 2c+1 are the low and high nibbles of qs[32c + j], their 5th bits (Q5_K) bits 2c and
-    2c+1 of qh[j]: one loop over j gathers all 8 sums (constant shifts keep LLVM's lanes 32-bit)."""
-    size, qs = (144, 16) if kind == 5 else (176, 48)
-    s = np.float32(0.0)
-    for b in range(x.size // 256):
-        p, o = size * b, 256 * b
-        t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.float32(0.0)
-        for j in range(2 * n16):
-            q0, q1 = np.int32(blocks[r, p + qs + j]), np.int32(blocks[r, p + qs + 32 + j])
-            q2, q3 = np.int32(blocks[r, p + qs + 64 + j]), np.int32(blocks[r, p + qs + 96 + j])
-            h = np.int32(blocks[r, p + 16 + j]) if kind == 6 else np.int32(0)
-            t0 += x[o + j] * _f32(_bits(q0, 0, 0xF) | (_bits(h, 0, 1) << 4))
-            t1 += x[o + 32 + j] * _f32(_bits(q0, 4, 0xF) | (_bits(h, 1, 1) << 4))
-            t2 += x[o + 64 + j] * _f32(_bits(q1, 0, 0xF) | (_bits(h, 2, 1) << 4))
-            t3 += x[o + 96 + j] * _f32(_bits(q1, 4, 0xF) | (_bits(h, 3, 1) << 4))
-            t4 += x[o + 128 + j] * _f32(_bits(q2, 0, 0xF) | (_bits(h, 4, 1) << 4))
-            t5 += x[o + 160 + j] * _f32(_bits(q2, 4, 0xF) | (_bits(h, 5, 1) << 4))
-            t6 += x[o + 192 + j] * _f32(_bits(q3, 0, 0xF) | (_bits(h, 6, 1) << 4))
-            t7 += x[o + 224 + j] * _f32(_bits(q3, 4, 0xF) | (_bits(h, 7, 1) << 4))
+    """Q4_K, Q5_K row: Σ_i (d sc_i) Σ_j x_ij q_ij - (dmin m_i) Σ_j x_ij over the 8 sub-blocks i of 32 of
+    each super-block, sc_i and m_i 6-bit numbers packed in 12 bytes (ggml's get_scale_min_k4)."""
+    size, n = (144 if kind == 5 else 176), x.size // 256
+    scales = np.empty(8 * n, dtype=np.float32)                     # d sc_i, sub-block by sub-block
+    minima = np.float32(0.0)                                       # Σ_i (dmin m_i) Σ_j x_ij
+    for b in range(n):
+        p = size * b
         d, dmin = _half(blocks, r, p, half), _half(blocks, r, p + 2, half)
-        for i, t in enumerate((t0, t1, t2, t3, t4, t5, t6, t7)):
+        for i in range(8):
             sc, m = _scale_min_k4(p + 4, blocks, r, i)
-            s += (d * np.float32(sc)) * t - (dmin * np.float32(m)) * xs[8 * b + i]
-    return s
-
-
-@nb.njit(cache=True, inline="always")
-def _q6(low, shift, high, high_shift):
-    """A Q6_K weight's q - 32: 4 bits of ql from bit `shift`, 2 of qh from bit `high_shift` above them."""
-    return _f32(np.int32(_bits(low, shift, 0xF) | (_bits(high, high_shift, 3) << 4)) - 32)
+            scales[8 * b + i] = d * np.float32(sc)
+            minima += (dmin * np.float32(m)) * xs[8 * b + i]
+    codes = q4_k_row_dot(x, scales, blocks, r) if kind == 5 else q5_k_row_dot(x, scales, blocks, r)
+    return codes - minima
 
 
 @nb.njit(cache=True, inline="always")
 def _dot_q6_k(x, xs, blocks, r, half, n16):
-    """Q6_K super-block: Σ_i (d sc_i) Σ_j x_ij (q_ij - 32) over 16 sub-blocks i of 16, sc_i an int8. In half
-    h of 128 weights, weight 32k + l takes the low (k < 2) or high nibble of ql[64h + 32 (k % 2) + l] and bits
-    2k, 2k+1 of qh[32h + l]; one loop over j = l % 16 gathers the 8 sums of the half (sub-block 8h + 2k + l // 16)."""
-    s = np.float32(0.0)
-    for b in range(x.size // 256):
-        p = 210 * b
-        d = _half(blocks, r, p + 208, half)
-        for h in range(2):
-            ql, qh, o = p + 64 * h, p + 128 + 32 * h, 256 * b + 128 * h
-            t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.float32(0.0)
-            for j in range(n16):
-                a0, a1 = np.int32(blocks[r, ql + j]), np.int32(blocks[r, ql + 16 + j])
-                c0, c1 = np.int32(blocks[r, ql + 32 + j]), np.int32(blocks[r, ql + 48 + j])
-                h0, h1 = np.int32(blocks[r, qh + j]), np.int32(blocks[r, qh + 16 + j])
-                t0 += x[o + j] * _q6(a0, 0, h0, 0)
-                t1 += x[o + 16 + j] * _q6(a1, 0, h1, 0)
-                t2 += x[o + 32 + j] * _q6(c0, 0, h0, 2)
-                t3 += x[o + 48 + j] * _q6(c1, 0, h1, 2)
-                t4 += x[o + 64 + j] * _q6(a0, 4, h0, 4)
-                t5 += x[o + 80 + j] * _q6(a1, 4, h1, 4)
-                t6 += x[o + 96 + j] * _q6(c0, 4, h0, 6)
-                t7 += x[o + 112 + j] * _q6(c1, 4, h1, 6)
-            for i, t in enumerate((t0, t1, t2, t3, t4, t5, t6, t7)):
-                s += (d * _f32(np.int8(blocks[r, p + 192 + 8 * h + i]))) * t
-    return s
+    """Q6_K row: Σ_i (d sc_i) Σ_j x_ij (q_ij - 32) over the 16 sub-blocks i of 16 of each super-block,
+    sc_i an int8 (ql, qh: the low 4 and high 2 bits of q, laid out as vector_ir._k_codes says)."""
+    n = x.size // 256
+    scales = np.empty(16 * n, dtype=np.float32)                    # d sc_i, sub-block by sub-block
+    for b in range(n):
+        d = _half(blocks, r, 210 * b + 208, half)
+        for i in range(16):
+            scales[16 * b + i] = d * _f32(np.int8(blocks[r, 210 * b + 192 + i]))
+    return q6_k_row_dot(x, scales, blocks, r)
 
 
 @nb.njit(cache=True, inline="always")

@@ -167,3 +167,104 @@ def _row_dot(kind: int):
 
 
 q8_0_row_dot, q4_0_row_dot, q4_1_row_dot, q5_0_row_dot, q5_1_row_dot = (_row_dot(k) for k in range(5))
+
+
+# The 256-weight super-block types: (bytes, offset of the 4-bit codes, offset of the extra high bits or None,
+# weights per scale). Their scales (6-bit packed, or int8 times d) are unpacked by the Numba caller into
+# one float32 per sub-block, so the loop here only meets codes, x and those scales.
+K_LAYOUTS = {5: (144, 16, None, 32),       # Q4_K: d, dmin, 12 scale bytes, 128 bytes of codes
+             6: (176, 48, 16, 32),         # Q5_K: ..., 32 bytes of 5th bits, 128 bytes of codes
+             7: (210, 0, 128, 16)}         # Q6_K: 128 bytes of low 4 bits, 64 of high 2 bits, scales, d
+
+
+def _k_codes(builder, kind: int, p):
+    """The 256 codes of the super-block at byte p as (first weight, 8 int32 lanes) pairs, offsets removed.
+
+    Q4_K / Q5_K: weight 64c + l is the low nibble of qs[32c + l], weight 64c + 32 + l its high nibble,
+    5th bits (Q5_K) bits 2c and 2c + 1 of qh[l]. Q6_K: in half h, weight 128h + 32k + l takes the low
+    (k < 2) or high nibble of ql[64h + 32 (k % 2) + l] and bits 2k, 2k + 1 of qh[32h + l], minus 32."""
+    _, qs_at, qh_at, _ = K_LAYOUTS[kind]
+    out = []
+    for g in range(32 // LANES):
+        if kind in (5, 6):
+            for c in range(4):
+                q = builder.zext(_load(builder, p, qs_at + 32 * c + LANES * g, V8I8), V8I32)
+                lo, hi = builder.and_(q, _ivec([15] * LANES)), builder.lshr(q, _ivec([4] * LANES))
+                if qh_at is not None:
+                    qh = builder.zext(_load(builder, p, qh_at + LANES * g, V8I8), V8I32)
+                    for bit, half in ((2 * c, "lo"), (2 * c + 1, "hi")):
+                        five = builder.shl(builder.and_(builder.lshr(qh, _ivec([bit] * LANES)), _ivec([1] * LANES)),
+                                           _ivec([4] * LANES))
+                        if half == "lo":
+                            lo = builder.or_(lo, five)
+                        else:
+                            hi = builder.or_(hi, five)
+                out += [(64 * c + LANES * g, lo), (64 * c + 32 + LANES * g, hi)]
+        else:
+            for h in range(2):
+                qh = builder.zext(_load(builder, p, qh_at + 32 * h + LANES * g, V8I8), V8I32)
+                for k in range(4):
+                    ql = builder.zext(_load(builder, p, 64 * h + 32 * (k % 2) + LANES * g, V8I8), V8I32)
+                    low = builder.and_(ql, _ivec([15] * LANES)) if k < 2 else builder.lshr(ql, _ivec([4] * LANES))
+                    high = builder.and_(builder.lshr(qh, _ivec([2 * k] * LANES)), _ivec([3] * LANES))
+                    code = builder.sub(builder.or_(low, builder.shl(high, _ivec([4] * LANES))), _ivec([32] * LANES))
+                    out.append((128 * h + 32 * k + LANES * g, code))
+    return out
+
+
+def _k_row_dot(kind: int):
+    """The intrinsic for one super-block type: (x (I,) float32, scales (I / weights per scale,) float32,
+    blocks (O, row bytes) uint8, row r) -> Σ_i scales_i Σ_{j in sub-block i} x_j q_j as float32;
+    every array C-contiguous, I a multiple of 256."""
+    size, _, _, per_scale = K_LAYOUTS[kind]
+
+    def row_dot(typingctx, x, scales, blocks, r):
+        def f32_vector(a):
+            return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 and a.layout == "C"
+        if not (f32_vector(x) and f32_vector(scales) and isinstance(r, types.Integer) and isinstance(blocks, types.Array)
+                and blocks.dtype == types.uint8 and blocks.ndim == 2 and blocks.layout == "C"):
+            return None
+
+        def codegen(context, builder, signature, args):
+            xa, sa, ba = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:3], args[:3]))
+            r64 = context.cast(builder, args[3], signature.args[3], types.int64)
+            n_blocks = builder.udiv(builder.extract_value(xa.shape, 0), _const(256))
+            row = builder.gep(ba.data, [builder.mul(r64, builder.extract_value(ba.shape, 1))])
+            zero = ir.Constant(V8F, [0.0] * LANES)
+            entry = builder.block
+            loop, done = builder.append_basic_block("superblock"), builder.append_basic_block("done")
+            builder.cbranch(builder.icmp_signed(">", n_blocks, _const(0)), loop, done)
+
+            builder.position_at_end(loop)
+            b, acc = builder.phi(I64), builder.phi(V8F)
+            b.add_incoming(_const(0), entry)
+            acc.add_incoming(zero, entry)
+            p = builder.gep(row, [builder.mul(b, _const(size))])
+            x0 = builder.gep(xa.data, [builder.mul(b, _const(256))])
+            s0 = builder.gep(sa.data, [builder.mul(b, _const(256 // per_scale))])
+            t = {}                                                 # sub-block -> its 8-lane sum
+            for first, code in _k_codes(builder, kind, p):
+                xv = _load(builder, x0, first, V8F, align=4)
+                qf = builder.sitofp(code, V8F)
+                i = first // per_scale
+                t[i] = builder.fmul(xv, qf) if i not in t else _fma(builder, xv, qf, t[i])
+            acc_next = acc
+            for i in sorted(t):                                    # acc + scale_i t_i
+                scale = builder.load(builder.gep(s0, [_const(i)]))
+                acc_next = _fma(builder, _splat(builder, scale), t[i], acc_next)
+            b_next = builder.add(b, _const(1))
+            b.add_incoming(b_next, loop)
+            acc.add_incoming(acc_next, loop)
+            builder.cbranch(builder.icmp_signed("<", b_next, n_blocks), loop, done)
+
+            builder.position_at_end(done)
+            total = builder.phi(V8F)
+            total.add_incoming(zero, entry)
+            total.add_incoming(acc_next, loop)
+            return _lane_sum(builder, total)
+        return types.float32(x, scales, blocks, r), codegen
+    row_dot.__name__ = f"k_row_dot_kind{kind}"
+    return intrinsic(row_dot)
+
+
+q4_k_row_dot, q5_k_row_dot, q6_k_row_dot = (_k_row_dot(k) for k in (5, 6, 7))
