@@ -82,43 +82,43 @@ def _f32(i):
 
 # The 32-weight block types: one loop per row in LLVM vector IR (kernels/vector_ir.py), 8 lanes throughout.
 @nb.njit(cache=True, inline="always")
-def _dot_q8_0(x, xs, blocks, r, half, n16):
+def _dot_q8_0(x, xs, blocks, r, half, scales):
     """Q8_0 row: Σ_b d_b Σ_j x_j q_j, q an int8."""
     return q8_0_row_dot(x, xs, blocks, r, half)
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q4_0(x, xs, blocks, r, half, n16):
+def _dot_q4_0(x, xs, blocks, r, half, scales):
     """Q4_0 row: Σ_b d_b Σ_j x_j (q_j - 8), q_j the low nibble of byte j, q_j+16 its high one."""
     return q4_0_row_dot(x, xs, blocks, r, half)
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q4_1(x, xs, blocks, r, half, n16):
+def _dot_q4_1(x, xs, blocks, r, half, scales):
     """Q4_1 row: Σ_b d_b Σ_j x_j q_j + m_b Σ_j x_j."""
     return q4_1_row_dot(x, xs, blocks, r, half)
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q5_0(x, xs, blocks, r, half, n16):
+def _dot_q5_0(x, xs, blocks, r, half, scales):
     """Q5_0 row: Σ_b d_b Σ_j x_j (q_j - 16), bit j of qh q_j's 5th bit."""
     return q5_0_row_dot(x, xs, blocks, r, half)
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q5_1(x, xs, blocks, r, half, n16):
+def _dot_q5_1(x, xs, blocks, r, half, scales):
     """Q5_1 row: Σ_b d_b Σ_j x_j q_j + m_b Σ_j x_j."""
     return q5_1_row_dot(x, xs, blocks, r, half)
 
 
-# The super-block types: the scales unpacked here, one float32 per sub-block (and the minima's term
-# summed here, a scalar per sub-block); the codes' dot products in LLVM vector IR (kernels/vector_ir.py).
+# The super-block types: the scales unpacked here into `scales` (a row's worth of float32, one per
+# sub-block, reused row after row), the minima's term summed here; the codes' dot products in LLVM
+# vector IR (kernels/vector_ir.py). Every _dot_* takes `scales`; the 32-weight types ignore it.
 @nb.njit(cache=True, inline="always")
-def _dot_q45_k(kind, x, xs, blocks, r, half, n16):
+def _dot_q45_k(kind, x, xs, blocks, r, half, scales):
     """Q4_K, Q5_K row: Σ_i (d sc_i) Σ_j x_ij q_ij - (dmin m_i) Σ_j x_ij over the 8 sub-blocks i of 32 of
     each super-block, sc_i and m_i 6-bit numbers packed in 12 bytes (ggml's get_scale_min_k4)."""
-    size, n = (144 if kind == 5 else 176), x.size // 256
-    scales = np.empty(8 * n, dtype=np.float32)                     # d sc_i, sub-block by sub-block
+    size, n = (144 if kind == 5 else 176), x.size // 256          # scales[:8n]: d sc_i, sub-block by sub-block
     minima = np.float32(0.0)                                       # Σ_i (dmin m_i) Σ_j x_ij
     for b in range(n):
         p = size * b
@@ -132,11 +132,10 @@ def _dot_q45_k(kind, x, xs, blocks, r, half, n16):
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q6_k(x, xs, blocks, r, half, n16):
+def _dot_q6_k(x, xs, blocks, r, half, scales):
     """Q6_K row: Σ_i (d sc_i) Σ_j x_ij (q_ij - 32) over the 16 sub-blocks i of 16 of each super-block,
     sc_i an int8 (ql, qh: the low 4 and high 2 bits of q, laid out as vector_ir._k_codes says)."""
-    n = x.size // 256
-    scales = np.empty(16 * n, dtype=np.float32)                    # d sc_i, sub-block by sub-block
+    n = x.size // 256                                              # scales[:16n]: d sc_i, sub-block by sub-block
     for b in range(n):
         d = _half(blocks, r, 210 * b + 208, half)
         for i in range(16):
@@ -145,13 +144,13 @@ def _dot_q6_k(x, xs, blocks, r, half, n16):
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q4_k(x, xs, blocks, r, half, n16):
-    return _dot_q45_k(5, x, xs, blocks, r, half, n16)
+def _dot_q4_k(x, xs, blocks, r, half, scales):
+    return _dot_q45_k(5, x, xs, blocks, r, half, scales)
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q5_k(x, xs, blocks, r, half, n16):
-    return _dot_q45_k(6, x, xs, blocks, r, half, n16)
+def _dot_q5_k(x, xs, blocks, r, half, scales):
+    return _dot_q45_k(6, x, xs, blocks, r, half, scales)
 
 
 # Prefetching: these kernels run ~150 instructions per 64-byte line of blocks, so the out-of-order
@@ -163,17 +162,18 @@ PREFETCH_BYTES = 4096
 
 
 @nb.njit(cache=True, inline="always")
-def _rows(dot, x, xs, blocks, half, n16, bias, y, start, stop):
+def _rows(dot, x, xs, blocks, half, bias, y, start, stop):
     """y[:, start:stop] = x · rows start .. stop-1 of the blocks (+ bias), dot one of the _dot_* above
     (passed as an argument, each compiles its own copy of this loop: one branch per chunk of rows)."""
     O, R = blocks.shape
+    scales = np.empty(x.shape[1] // 16, dtype=np.float32)          # the K types' unpacked scales, per row
     ahead = PREFETCH_BYTES // R + 1
     for o in range(start, stop):
         if o + ahead < O:
             for k in range(0, R, 64):
                 _prefetch(blocks, (o + ahead) * R + k)
         for n in range(x.shape[0]):
-            s = dot(x[n], xs[n], blocks, o, half, n16)
+            s = dot(x[n], xs[n], blocks, o, half, scales)
             y[n, o] = s if bias is None else s + bias[o]
 
 
@@ -191,26 +191,25 @@ def gemv_blocks(x, blocks, kind, half, bias=None):
             for j in range(_upto(BLOCK, I)):
                 t += x[n, BLOCK * b + j]
             xs[n, b] = t
-    n16 = _upto(16, I)
     y = np.empty((N, O), dtype=np.float32)
     for t in nb.prange((O + ROWS - 1) // ROWS):
         start, stop = t * ROWS, min(O, (t + 1) * ROWS)
         if kind == 0:
-            _rows(_dot_q8_0, x, xs, blocks, half, n16, bias, y, start, stop)
+            _rows(_dot_q8_0, x, xs, blocks, half, bias, y, start, stop)
         elif kind == 1:
-            _rows(_dot_q4_0, x, xs, blocks, half, n16, bias, y, start, stop)
+            _rows(_dot_q4_0, x, xs, blocks, half, bias, y, start, stop)
         elif kind == 2:
-            _rows(_dot_q4_1, x, xs, blocks, half, n16, bias, y, start, stop)
+            _rows(_dot_q4_1, x, xs, blocks, half, bias, y, start, stop)
         elif kind == 3:
-            _rows(_dot_q5_0, x, xs, blocks, half, n16, bias, y, start, stop)
+            _rows(_dot_q5_0, x, xs, blocks, half, bias, y, start, stop)
         elif kind == 4:
-            _rows(_dot_q5_1, x, xs, blocks, half, n16, bias, y, start, stop)
+            _rows(_dot_q5_1, x, xs, blocks, half, bias, y, start, stop)
         elif kind == 5:
-            _rows(_dot_q4_k, x, xs, blocks, half, n16, bias, y, start, stop)
+            _rows(_dot_q4_k, x, xs, blocks, half, bias, y, start, stop)
         elif kind == 6:
-            _rows(_dot_q5_k, x, xs, blocks, half, n16, bias, y, start, stop)
+            _rows(_dot_q5_k, x, xs, blocks, half, bias, y, start, stop)
         else:
-            _rows(_dot_q6_k, x, xs, blocks, half, n16, bias, y, start, stop)
+            _rows(_dot_q6_k, x, xs, blocks, half, bias, y, start, stop)
     return y
 
 

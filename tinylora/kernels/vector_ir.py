@@ -33,6 +33,7 @@ F32, I8, I16, I32, I64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntTy
 LANES = 8
 V8F = ir.VectorType(F32, LANES)
 V8I8 = ir.VectorType(I8, LANES)
+V8I32 = ir.VectorType(I32, LANES)
 
 
 def _const(n: int) -> ir.Constant:
@@ -46,10 +47,10 @@ def _fma(builder, a, b, c):
     return builder.call(fn, [a, b, c])
 
 
-def _splat(builder, value):
-    """A float -> a vector of 8 copies of it."""
-    v = builder.insert_element(ir.Constant(V8F, ir.Undefined), value, ir.Constant(I32, 0))
-    return builder.shuffle_vector(v, ir.Constant(V8F, ir.Undefined), ir.Constant(ir.VectorType(I32, LANES), [0] * LANES))
+def _splat(builder, value, vector=V8F):
+    """A float (or an int32, with vector=V8I32) -> a vector of 8 copies of it."""
+    v = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vector, ir.Undefined), ir.Constant(V8I32, [0] * LANES))
 
 
 def _lane_sum(builder, v):
@@ -59,7 +60,47 @@ def _lane_sum(builder, v):
     return builder.fadd(builder.fadd(s[0], s[2]), builder.fadd(s[1], s[3]))
 
 
-V8I32 = ir.VectorType(I32, LANES)
+def _row_arguments_ok(floats, blocks, r) -> bool:
+    """Typing: every float array a C-contiguous float32 vector, blocks a C-contiguous (O, row bytes) uint8
+    array, r an integer; otherwise the intrinsic does not apply (Numba reports the types it got)."""
+    return (all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 and a.layout == "C"
+                for a in floats)
+            and isinstance(blocks, types.Array) and blocks.dtype == types.uint8 and blocks.ndim == 2
+            and blocks.layout == "C" and isinstance(r, types.Integer))
+
+
+def _block_loop(builder, n_blocks, zeros, body):
+    """for b in range(n_blocks): values = body(b, values), in IR; values start at `zeros` (constants)
+    and the final ones are returned (the zeros themselves when n_blocks is 0). body emits the block's
+    instructions at the builder's position and returns the new values."""
+    entry = builder.block
+    loop, done = builder.append_basic_block("block"), builder.append_basic_block("done")
+    builder.cbranch(builder.icmp_signed(">", n_blocks, _const(0)), loop, done)
+    builder.position_at_end(loop)
+    b = builder.phi(I64)
+    values = [builder.phi(z.type) for z in zeros]
+    b.add_incoming(_const(0), entry)
+    for v, z in zip(values, zeros):
+        v.add_incoming(z, entry)
+    new = body(b, values)
+    b_next = builder.add(b, _const(1))
+    end = builder.block
+    b.add_incoming(b_next, end)
+    for v, n in zip(values, new):
+        v.add_incoming(n, end)
+    builder.cbranch(builder.icmp_signed("<", b_next, n_blocks), loop, done)
+    builder.position_at_end(done)
+    finals = []
+    for z, n in zip(zeros, new):
+        f = builder.phi(z.type)
+        f.add_incoming(z, entry)
+        f.add_incoming(n, end)
+        finals.append(f)
+    return finals
+
+
+ZERO_V8F = ir.Constant(V8F, [0.0] * LANES)
+
 
 # The 32-weight block types by kernels/ggml.py's kind number: (bytes, offset of the min m or None,
 # offset of the 5th bits qh or None, offset of the codes, what is subtracted from each code).
@@ -88,9 +129,7 @@ def _block_codes(builder, kind: int, p):
     codes = [builder.and_(v, _ivec([15] * LANES)) for v in nibbles]             # weights j: low nibbles
     codes += [builder.lshr(v, _ivec([4] * LANES)) for v in nibbles]             # weights j + 16: high ones
     if qh_at is not None:                                                       # bit j of qh: weight j's 5th
-        qh = builder.insert_element(ir.Constant(V8I32, ir.Undefined), _load(builder, p, qh_at, I32),
-                                    ir.Constant(I32, 0))
-        qh = builder.shuffle_vector(qh, ir.Constant(V8I32, ir.Undefined), _ivec([0] * LANES))
+        qh = _splat(builder, _load(builder, p, qh_at, I32), V8I32)
         for g in range(4):
             bit = builder.and_(builder.lshr(qh, _ivec(range(LANES * g, LANES * g + LANES))), _ivec([1] * LANES))
             codes[g] = builder.or_(codes[g], builder.shl(bit, _ivec([4] * LANES)))
@@ -109,11 +148,7 @@ def _row_dot(kind: int):
     size, min_at, _, _, _ = LAYOUTS[kind]
 
     def row_dot(typingctx, x, xs, blocks, r, half):
-        def f32_vector(a):
-            return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 and a.layout == "C"
-        if not (f32_vector(x) and f32_vector(xs) and f32_vector(half) and isinstance(r, types.Integer)
-                and isinstance(blocks, types.Array) and blocks.dtype == types.uint8 and blocks.ndim == 2
-                and blocks.layout == "C"):
+        if not _row_arguments_ok((x, xs, half), blocks, r):
             return None
 
         def codegen(context, builder, signature, args):
@@ -122,43 +157,26 @@ def _row_dot(kind: int):
             r64 = context.cast(builder, args[3], signature.args[3], types.int64)
             n_blocks = builder.udiv(builder.extract_value(xa.shape, 0), _const(32))
             row = builder.gep(ba.data, [builder.mul(r64, builder.extract_value(ba.shape, 1))])
-            zero = ir.Constant(V8F, [0.0] * LANES)
-            entry = builder.block
-            loop, done = builder.append_basic_block("block"), builder.append_basic_block("done")
-            builder.cbranch(builder.icmp_signed(">", n_blocks, _const(0)), loop, done)
 
-            builder.position_at_end(loop)                          # one block b per iteration
-            b, acc, acc_min = builder.phi(I64), builder.phi(V8F), builder.phi(F32)
-            b.add_incoming(_const(0), entry)
-            acc.add_incoming(zero, entry)
-            acc_min.add_incoming(ir.Constant(F32, 0.0), entry)
-            p = builder.gep(row, [builder.mul(b, _const(size))])  # the block's first byte
+            def block(b, values):                                  # one block b: acc + d t, (m Σ_j x_j)
+                acc, acc_min = values
+                p = builder.gep(row, [builder.mul(b, _const(size))])   # the block's first byte
 
-            def half_at(offset):                                   # the float16 at p + offset, widened
-                bits = _load(builder, p, offset, I16)
-                return builder.load(builder.gep(ha.data, [builder.zext(bits, I64)]))
-            t = None
-            for g, code in enumerate(_block_codes(builder, kind, p)):
-                xv = _load(builder, builder.gep(xa.data, [builder.mul(b, _const(32))]), LANES * g, V8F, align=4)
-                qf = builder.sitofp(code, V8F)                     # small integers: exact in float32
-                t = builder.fmul(xv, qf) if t is None else _fma(builder, xv, qf, t)
-            acc_next = _fma(builder, _splat(builder, half_at(0)), t, acc)          # acc + d t
-            min_next = acc_min
-            if min_at is not None:                                 # + m Σ_j x_j
-                xs_b = builder.load(builder.gep(sa.data, [b]))
-                min_next = builder.fadd(acc_min, builder.fmul(half_at(min_at), xs_b))
-            b_next = builder.add(b, _const(1))
-            b.add_incoming(b_next, loop)
-            acc.add_incoming(acc_next, loop)
-            acc_min.add_incoming(min_next, loop)
-            builder.cbranch(builder.icmp_signed("<", b_next, n_blocks), loop, done)
-
-            builder.position_at_end(done)
-            total, total_min = builder.phi(V8F), builder.phi(F32)
-            total.add_incoming(zero, entry)
-            total.add_incoming(acc_next, loop)
-            total_min.add_incoming(ir.Constant(F32, 0.0), entry)
-            total_min.add_incoming(min_next, loop)
+                def half_at(offset):                               # the float16 at p + offset, widened
+                    bits = _load(builder, p, offset, I16)
+                    return builder.load(builder.gep(ha.data, [builder.zext(bits, I64)]))
+                x0 = builder.gep(xa.data, [builder.mul(b, _const(32))])
+                t = None
+                for g, code in enumerate(_block_codes(builder, kind, p)):
+                    xv = _load(builder, x0, LANES * g, V8F, align=4)
+                    qf = builder.sitofp(code, V8F)                 # small integers: exact in float32
+                    t = builder.fmul(xv, qf) if t is None else _fma(builder, xv, qf, t)
+                acc = _fma(builder, _splat(builder, half_at(0)), t, acc)
+                if min_at is not None:
+                    xs_b = builder.load(builder.gep(sa.data, [b]))
+                    acc_min = builder.fadd(acc_min, builder.fmul(half_at(min_at), xs_b))
+                return acc, acc_min
+            total, total_min = _block_loop(builder, n_blocks, (ZERO_V8F, ir.Constant(F32, 0.0)), block)
             s = _lane_sum(builder, total)
             return s if min_at is None else builder.fadd(s, total_min)
         return types.float32(x, xs, blocks, r, half), codegen
@@ -187,18 +205,16 @@ def _k_codes(builder, kind: int, p):
     out = []
     for g in range(32 // LANES):
         if kind in (5, 6):
+            qh = None if qh_at is None else builder.zext(_load(builder, p, qh_at + LANES * g, V8I8), V8I32)
+
+            def fifth(bit):                                        # bit `bit` of qh, as 16 (or 0)
+                return builder.shl(builder.and_(builder.lshr(qh, _ivec([bit] * LANES)), _ivec([1] * LANES)),
+                                   _ivec([4] * LANES))
             for c in range(4):
                 q = builder.zext(_load(builder, p, qs_at + 32 * c + LANES * g, V8I8), V8I32)
                 lo, hi = builder.and_(q, _ivec([15] * LANES)), builder.lshr(q, _ivec([4] * LANES))
-                if qh_at is not None:
-                    qh = builder.zext(_load(builder, p, qh_at + LANES * g, V8I8), V8I32)
-                    for bit, half in ((2 * c, "lo"), (2 * c + 1, "hi")):
-                        five = builder.shl(builder.and_(builder.lshr(qh, _ivec([bit] * LANES)), _ivec([1] * LANES)),
-                                           _ivec([4] * LANES))
-                        if half == "lo":
-                            lo = builder.or_(lo, five)
-                        else:
-                            hi = builder.or_(hi, five)
+                if qh is not None:
+                    lo, hi = builder.or_(lo, fifth(2 * c)), builder.or_(hi, fifth(2 * c + 1))
                 out += [(64 * c + LANES * g, lo), (64 * c + 32 + LANES * g, hi)]
         else:
             for h in range(2):
@@ -219,10 +235,7 @@ def _k_row_dot(kind: int):
     size, _, _, per_scale = K_LAYOUTS[kind]
 
     def row_dot(typingctx, x, scales, blocks, r):
-        def f32_vector(a):
-            return isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 and a.layout == "C"
-        if not (f32_vector(x) and f32_vector(scales) and isinstance(r, types.Integer) and isinstance(blocks, types.Array)
-                and blocks.dtype == types.uint8 and blocks.ndim == 2 and blocks.layout == "C"):
+        if not _row_arguments_ok((x, scales), blocks, r):
             return None
 
         def codegen(context, builder, signature, args):
@@ -230,37 +243,23 @@ def _k_row_dot(kind: int):
             r64 = context.cast(builder, args[3], signature.args[3], types.int64)
             n_blocks = builder.udiv(builder.extract_value(xa.shape, 0), _const(256))
             row = builder.gep(ba.data, [builder.mul(r64, builder.extract_value(ba.shape, 1))])
-            zero = ir.Constant(V8F, [0.0] * LANES)
-            entry = builder.block
-            loop, done = builder.append_basic_block("superblock"), builder.append_basic_block("done")
-            builder.cbranch(builder.icmp_signed(">", n_blocks, _const(0)), loop, done)
 
-            builder.position_at_end(loop)
-            b, acc = builder.phi(I64), builder.phi(V8F)
-            b.add_incoming(_const(0), entry)
-            acc.add_incoming(zero, entry)
-            p = builder.gep(row, [builder.mul(b, _const(size))])
-            x0 = builder.gep(xa.data, [builder.mul(b, _const(256))])
-            s0 = builder.gep(sa.data, [builder.mul(b, _const(256 // per_scale))])
-            t = {}                                                 # sub-block -> its 8-lane sum
-            for first, code in _k_codes(builder, kind, p):
-                xv = _load(builder, x0, first, V8F, align=4)
-                qf = builder.sitofp(code, V8F)
-                i = first // per_scale
-                t[i] = builder.fmul(xv, qf) if i not in t else _fma(builder, xv, qf, t[i])
-            acc_next = acc
-            for i in sorted(t):                                    # acc + scale_i t_i
-                scale = builder.load(builder.gep(s0, [_const(i)]))
-                acc_next = _fma(builder, _splat(builder, scale), t[i], acc_next)
-            b_next = builder.add(b, _const(1))
-            b.add_incoming(b_next, loop)
-            acc.add_incoming(acc_next, loop)
-            builder.cbranch(builder.icmp_signed("<", b_next, n_blocks), loop, done)
-
-            builder.position_at_end(done)
-            total = builder.phi(V8F)
-            total.add_incoming(zero, entry)
-            total.add_incoming(acc_next, loop)
+            def superblock(b, values):                             # one super-block b: acc + Σ_i scale_i t_i
+                acc, = values
+                p = builder.gep(row, [builder.mul(b, _const(size))])
+                x0 = builder.gep(xa.data, [builder.mul(b, _const(256))])
+                s0 = builder.gep(sa.data, [builder.mul(b, _const(256 // per_scale))])
+                t = {}                                             # sub-block -> its 8-lane sum
+                for first, code in _k_codes(builder, kind, p):
+                    xv = _load(builder, x0, first, V8F, align=4)
+                    qf = builder.sitofp(code, V8F)
+                    i = first // per_scale
+                    t[i] = builder.fmul(xv, qf) if i not in t else _fma(builder, xv, qf, t[i])
+                for i in sorted(t):
+                    scale = builder.load(builder.gep(s0, [_const(i)]))
+                    acc = _fma(builder, _splat(builder, scale), t[i], acc)
+                return (acc,)
+            total, = _block_loop(builder, n_blocks, (ZERO_V8F,), superblock)
             return _lane_sum(builder, total)
         return types.float32(x, scales, blocks, r), codegen
     row_dot.__name__ = f"k_row_dot_kind{kind}"
