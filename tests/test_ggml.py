@@ -51,6 +51,9 @@ def test_widening_is_bit_identical_to_gguf(qtype):
     assert np.array_equal(w.gather(ids).view(np.uint32), theirs[ids].view(np.uint32))
     assert np.array_equal(w.rows(2, 5).view(np.uint32), theirs[2:5].view(np.uint32))
     assert w.nbytes == blocks.nbytes and w.size == 6 * 512 and w.storage == qtype.lower()
+    simple = np.empty_like(ours)                # the weight-by-weight definition the vector IR replaced
+    ggml.widen_rows_simple(blocks, ggml.KINDS[qtype], np.arange(6), simple, ggml.HALF)
+    assert np.array_equal(simple.view(np.uint32), theirs.view(np.uint32))
 
 
 @pytest.mark.parametrize("qtype", [t for t in TYPES if not t.endswith("_K")])   # gguf quantises these only
@@ -75,13 +78,13 @@ def finite_weight(qtype: str, O: int, I: int) -> tuple[Q.GGMLWeight, np.ndarray]
 
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("N", [1, 3, 40])
+@pytest.mark.parametrize("N", [1, 3, 40, W.FEW_N + 1])
 def test_products_equal_those_with_the_dequantised_matrix(qtype, dtype, N):
     w, dense = finite_weight(qtype, O=80, I=256)
     rng = np.random.default_rng(3)
     x, dy, bias = (rng.standard_normal((N, 256)).astype(dtype), rng.standard_normal((N, 80)).astype(dtype),
                    rng.standard_normal(80).astype(dtype))
-    path = ("gemv" if N <= W.SMALL_N else "tiles") if dtype == np.float32 else "widen-all"
+    path = ("gemv" if N <= W.SMALL_N else "few" if N <= W.FEW_N else "tiles") if dtype == np.float32 else "widen-all"
     assert W.linear_path(w, N, dtype) == path
     assert_close(W.linear(x, w, bias), x.astype(np.float64) @ dense.T + bias, tol_for(dtype), "x Wᵀ + b")
     assert_close(W.linear_dx(dy, w), dy.astype(np.float64) @ dense, tol_for(dtype), "dy W")
@@ -121,10 +124,26 @@ def test_decoding_gemv_on_blocks_is_the_product_with_the_widened_weights(qtype, 
 
 
 @pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("N", [5, 8, 13])
 @pytest.mark.parametrize("compiled", ["serial", "parallel"])
-def test_decoding_gemv_propagates_nan_and_inf_scales(qtype, compiled):
-    blocks, x, bias, expected, magnitude = decoding_case(qtype, 2, seed=7, special=True)
-    kernel = getattr(ggml.gemv_blocks, compiled)
+def test_few_rows_product_is_the_product_with_the_widened_weights(qtype, N, compiled):
+    # few_blocks: 4 widened rows against 2 rows of x at a time; 70 rows (a partial last 4), odd N
+    blocks, x, bias, expected, magnitude = decoding_case(qtype, N, seed=9, special=False)
+    kernel = getattr(ggml.few_blocks, compiled)
+    for b in (None, bias):
+        want = expected if b is None else expected + b
+        tol = 1e-5 * (magnitude + (0.0 if b is None else np.abs(b))) + 1e-30
+        got = kernel(x, blocks, ggml.KINDS[qtype], ggml.HALF, b)
+        assert got.dtype == np.float32 and got.shape == (N, 70)
+        assert (np.abs(got - want) <= tol).all(), f"few_blocks {qtype} N={N}: {np.abs(got - want).max():.2e}"
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("compiled", ["serial", "parallel"])
+@pytest.mark.parametrize("name, N", [("gemv_blocks", 2), ("few_blocks", 6)])
+def test_decoding_products_propagate_nan_and_inf_scales(qtype, compiled, name, N):
+    blocks, x, bias, expected, magnitude = decoding_case(qtype, N, seed=7, special=True)
+    kernel = getattr(getattr(ggml, name), compiled)
     got = kernel(x, blocks, ggml.KINDS[qtype], ggml.HALF, bias)
     expected = expected + bias
     # a NaN or inf scale spoils its row and only it; d · Σ x_j q_j may give NaN where Σ x_j (d q_j) gives

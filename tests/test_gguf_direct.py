@@ -17,11 +17,12 @@ def test_gguf_loads_directly_with_its_blocks(tmp_path, arch):
     write_gguf(tmp_path / "tiny.gguf", arch=arch, tied=False, bf16=("attn_k", "ffn_up"))
     imported = G.import_gguf(tmp_path / "tiny.gguf", tmp_path / "out")          # dequantised to float32
     ids = np.array([[1, 5, 9, 3, 7], [2, 4, 6, 8, 1]])
-    for dtype, tol in (("float64", 1e-12), ("float32", 1e-5)):       # float64: the blocks widened once
+    for dtype, tol in (("float64", 1e-12), ("float32", 1e-6)):       # float64: the blocks widened once
         direct, dense = tl.load_model(tmp_path / "tiny.gguf", dtype=dtype), tl.load_model(imported, dtype=dtype)
         with tl.no_grad():
             got, expected = direct(ids).data, dense(ids).data
-        assert got.dtype == np.dtype(dtype) and np.abs(got - expected).max() <= tol, (dtype, np.abs(got - expected).max())
+        err = np.abs(got - expected).max() / np.abs(expected).max()           # relative to the largest logit
+        assert got.dtype == np.dtype(dtype) and err <= tol, (dtype, err)
     blocks = {n: p.data for n, p in direct.named_parameters() if isinstance(p.data, GGMLWeight)}   # float32
     assert len(blocks) == sum(is_quantised(n) for n, _ in dense.named_parameters()) > 0
     assert all(w.storage == "q8_0" for w in blocks.values())
@@ -68,7 +69,7 @@ def test_a_gguf_base_saves_as_a_float_folder_and_import_can_keep_the_blocks(tmp_
     assert {p.data.storage for n, p in blocks.named_parameters() if n.endswith("down_proj.weight")} == {"q8_0"}
     assert blocks.folder == kept and tok.encode("hello") == tl.load(tmp_path / "tiny.gguf")[1].encode("hello")
     with tl.no_grad():
-        assert np.abs(reread(ids).data - expected).max() < 1e-5
+        assert np.abs(reread(ids).data - expected).max() < 1e-6 * np.abs(expected).max()   # float32 sums
         assert np.abs(blocks(ids).data - expected).max() == 0
 
 

@@ -169,7 +169,7 @@ def test_weight_types_know_shape_bytes_and_rows():
         W.DenseWeight(np.zeros((2, 2), np.int32))
 
 
-@pytest.mark.parametrize("N", [1, 3, W.SMALL_N, W.SMALL_N + 1, 40])     # both sides of the switch
+@pytest.mark.parametrize("N", [1, 3, W.SMALL_N, W.SMALL_N + 1, 40, W.FEW_N + 1])     # each side of each switch
 def test_bf16_products_match_widened_reference(N, monkeypatch):
     monkeypatch.setattr(W, "TILE_BYTES", 1024)        # tiny tiles: several tiles and a partial last one
     rng = np.random.default_rng(3)
@@ -179,7 +179,7 @@ def test_bf16_products_match_widened_reference(N, monkeypatch):
         b = rng.standard_normal(O).astype(np.float32)
         wt = ref_widen(w.bits).T                               # the weights the kernels must use, (I, O)
         path = W.linear_path(w, N, np.float32)
-        assert path == ("gemv" if N <= W.SMALL_N else "tiles")
+        assert path == ("gemv" if N <= W.SMALL_N else "few" if N <= W.FEW_N else "tiles")
         y = W.linear(x, w, b)
         assert y.dtype == np.float32
         assert_product_close(y, x, wt, np.float32, f"linear via {path} N={N} {O}x{I}", bias=b)
@@ -204,7 +204,9 @@ def _every_kernel(x, w):
         half = W.BF16Weight.from_array(w)
         out["gemv_bf16"] = B.gemv_bf16(x, half.bits)
         out["gemv_bf16 parallel"] = B.gemv_bf16.parallel(x, half.bits)   # both compilations, fast-math
-        out["linear bf16 tiles"] = W.linear(np.repeat(x, 4, axis=0), half)[::4]   # N > SMALL_N
+        out["linear bf16 few"] = W.linear(np.repeat(x, 4, axis=0), half)[::4]    # SMALL_N < N <= FEW_N
+        out["few_bf16 parallel"] = B.few_bf16.parallel(np.repeat(x, 3, axis=0), half.bits)[::3]
+        out["linear bf16 tiles"] = W.linear(np.repeat(x, 30, axis=0), half)[::30]   # N > FEW_N
         out["linear_dx bf16 tiles"] = W.linear_dx(x, W.BF16Weight.from_array(np.ascontiguousarray(w.T)))
     return out
 

@@ -89,12 +89,12 @@ def test_nf4_rows_gather_and_gemv_against_numpy(shape):
     assert np.abs(ref - w).max() <= np.abs(w).max() * 0.2          # NF4's widest gap is 0.30 of absmax
     assert q.nbytes == q.packed.nbytes + q.absmax.nbytes and q.storage == "nf4"
     rng = np.random.default_rng(2)
-    for N in (1, 3):
+    for N in (1, 3, 7):
         x = rng.standard_normal((N, shape[1])).astype(np.float32)
         bias = rng.standard_normal(shape[0]).astype(np.float32)
         expected = x.astype(np.float64) @ ref.T.astype(np.float64) + bias
         scale = np.abs(x) @ np.abs(ref).T + 1e-30
-        for kernel in (nf4.gemv_nf4.serial, nf4.gemv_nf4.parallel):
+        for kernel in (nf4.gemv_nf4.serial, nf4.gemv_nf4.parallel, nf4.few_nf4.serial, nf4.few_nf4.parallel):
             y = kernel(x, q.packed, q.absmax, q.code2, q.absmax2, q.blocksize2, q.offset, q.blocksize,
                        shape[0], nf4.NF4, bias)
             assert (np.abs(y - expected) <= 1e-5 * scale + 1e-6).all()
@@ -105,8 +105,8 @@ def test_nf4_gemv_propagates_nan_and_inf():
     q = Q.NF4Weight.quantize(w)
     q.absmax[1] = np.inf                # row 0's second block
     q.absmax[4] = np.nan                # row 2's first block
-    y = q.gemv(np.ones((1, 128), np.float32))
-    assert not np.isfinite(y[0, 0]) and np.isnan(y[0, 2]) and np.isfinite(y[0, [1, 3]]).all()
+    for y in (q.gemv(np.ones((1, 128), np.float32)), q.few(np.ones((5, 128), np.float32))):
+        assert not np.isfinite(y[:, 0]).any() and np.isnan(y[:, 2]).all() and np.isfinite(y[:, [1, 3]]).all()
 
 
 def test_linear_through_nf4_has_exact_gradients_and_none_for_the_weight():
@@ -117,7 +117,7 @@ def test_linear_through_nf4_has_exact_gradients_and_none_for_the_weight():
     assert_gradcheck(gradcheck(lambda x: LinearFn.apply(x, Tensor(w)), [x]), "NF4 linear")
     y = LinearFn.apply(Tensor(x.data.astype(np.float32)), Tensor(w))
     assert_close(y.data, x.data.astype(np.float32) @ w.to_float().T, 1e-5, "NF4 linear, float32 tiles")
-    assert W.linear_path(w, 1, np.float32) == "gemv" and W.linear_path(w, 64, np.float32) == "tiles"
+    assert [W.linear_path(w, N, np.float32) for N in (1, 5, W.FEW_N + 1)] == ["gemv", "few", "tiles"]
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])

@@ -43,8 +43,8 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from . import PARALLEL_MIN, parallel_when_large
-from .bf16 import GEMV_FASTMATH, ROWS, dot_into
-from .ggml import BLOCK, _half, _scale_min_k4, _widen_row
+from .bf16 import GEMV_FASTMATH, ROWS, dot4_into, dot_into
+from .ggml import BLOCK, _widen_row, _widen_row_simple, k_scales
 from .vector_ir import (q4_0_row_dot, q4_1_row_dot, q4_k_row_dot, q5_0_row_dot, q5_1_row_dot, q5_k_row_dot,
                         q6_k_row_dot, q8_0_row_dot)
 
@@ -82,75 +82,67 @@ def _f32(i):
 
 # The 32-weight block types: one loop per row in LLVM vector IR (kernels/vector_ir.py), 8 lanes throughout.
 @nb.njit(cache=True, inline="always")
-def _dot_q8_0(x, xs, blocks, r, half, scales):
+def _dot_q8_0(x, xs, blocks, r, half, scratch):
     """Q8_0 row: Σ_b d_b Σ_j x_j q_j, q an int8."""
     return q8_0_row_dot(x, xs, blocks, r, half)
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q4_0(x, xs, blocks, r, half, scales):
+def _dot_q4_0(x, xs, blocks, r, half, scratch):
     """Q4_0 row: Σ_b d_b Σ_j x_j (q_j - 8), q_j the low nibble of byte j, q_j+16 its high one."""
     return q4_0_row_dot(x, xs, blocks, r, half)
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q4_1(x, xs, blocks, r, half, scales):
+def _dot_q4_1(x, xs, blocks, r, half, scratch):
     """Q4_1 row: Σ_b d_b Σ_j x_j q_j + m_b Σ_j x_j."""
     return q4_1_row_dot(x, xs, blocks, r, half)
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q5_0(x, xs, blocks, r, half, scales):
+def _dot_q5_0(x, xs, blocks, r, half, scratch):
     """Q5_0 row: Σ_b d_b Σ_j x_j (q_j - 16), bit j of qh q_j's 5th bit."""
     return q5_0_row_dot(x, xs, blocks, r, half)
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q5_1(x, xs, blocks, r, half, scales):
+def _dot_q5_1(x, xs, blocks, r, half, scratch):
     """Q5_1 row: Σ_b d_b Σ_j x_j q_j + m_b Σ_j x_j."""
     return q5_1_row_dot(x, xs, blocks, r, half)
 
 
-# The super-block types: the scales unpacked here into `scales` (a row's worth of float32, one per
-# sub-block, reused row after row), the minima's term summed here; the codes' dot products in LLVM
-# vector IR (kernels/vector_ir.py). Every _dot_* takes `scales`; the 32-weight types ignore it.
+# The super-block types: the scales unpacked into `scratch` (2, I / 16) float32 by ggml.k_scales, one
+# float32 per sub-block (reused row after row), the minima's term summed here; the codes' dot products
+# in LLVM vector IR (kernels/vector_ir.py). Every _dot_* takes `scratch`; the 32-weight types ignore it.
 @nb.njit(cache=True, inline="always")
-def _dot_q45_k(kind, x, xs, blocks, r, half, scales):
+def _dot_k(kind, x, xs, blocks, r, half, scratch):
     """Q4_K, Q5_K row: Σ_i (d sc_i) Σ_j x_ij q_ij - (dmin m_i) Σ_j x_ij over the 8 sub-blocks i of 32 of
-    each super-block, sc_i and m_i 6-bit numbers packed in 12 bytes (ggml's get_scale_min_k4)."""
-    size, n = (144 if kind == 5 else 176), x.size // 256          # scales[:8n]: d sc_i, sub-block by sub-block
-    minima = np.float32(0.0)                                       # Σ_i (dmin m_i) Σ_j x_ij
-    for b in range(n):
-        p = size * b
-        d, dmin = _half(blocks, r, p, half), _half(blocks, r, p + 2, half)
-        for i in range(8):
-            sc, m = _scale_min_k4(p + 4, blocks, r, i)
-            scales[8 * b + i] = d * np.float32(sc)
-            minima += (dmin * np.float32(m)) * xs[8 * b + i]
+    each super-block; Q6_K row: Σ_i (d sc_i) Σ_j x_ij (q_ij - 32) over the 16 sub-blocks i of 16
+    (the layouts of the codes: vector_ir._k_codes)."""
+    scales, minima = scratch[0], scratch[1]
+    k_scales(kind, blocks, r, x.size // 256, half, scales, minima)
+    if kind == 7:
+        return q6_k_row_dot(x, scales, blocks, r)
+    m = np.float32(0.0)                                            # Σ_i (dmin m_i) Σ_j x_ij
+    for i in range(x.size // 32):
+        m += minima[i] * xs[i]
     codes = q4_k_row_dot(x, scales, blocks, r) if kind == 5 else q5_k_row_dot(x, scales, blocks, r)
-    return codes - minima
+    return codes - m
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q6_k(x, xs, blocks, r, half, scales):
-    """Q6_K row: Σ_i (d sc_i) Σ_j x_ij (q_ij - 32) over the 16 sub-blocks i of 16 of each super-block,
-    sc_i an int8 (ql, qh: the low 4 and high 2 bits of q, laid out as vector_ir._k_codes says)."""
-    n = x.size // 256                                              # scales[:16n]: d sc_i, sub-block by sub-block
-    for b in range(n):
-        d = _half(blocks, r, 210 * b + 208, half)
-        for i in range(16):
-            scales[16 * b + i] = d * _f32(np.int8(blocks[r, 210 * b + 192 + i]))
-    return q6_k_row_dot(x, scales, blocks, r)
+def _dot_q4_k(x, xs, blocks, r, half, scratch):
+    return _dot_k(5, x, xs, blocks, r, half, scratch)
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q4_k(x, xs, blocks, r, half, scales):
-    return _dot_q45_k(5, x, xs, blocks, r, half, scales)
+def _dot_q5_k(x, xs, blocks, r, half, scratch):
+    return _dot_k(6, x, xs, blocks, r, half, scratch)
 
 
 @nb.njit(cache=True, inline="always")
-def _dot_q5_k(x, xs, blocks, r, half, scales):
-    return _dot_q45_k(6, x, xs, blocks, r, half, scales)
+def _dot_q6_k(x, xs, blocks, r, half, scratch):
+    return _dot_k(7, x, xs, blocks, r, half, scratch)
 
 
 # Prefetching: these kernels run ~150 instructions per 64-byte line of blocks, so the out-of-order
@@ -166,14 +158,14 @@ def _rows(dot, x, xs, blocks, half, bias, y, start, stop):
     """y[:, start:stop] = x · rows start .. stop-1 of the blocks (+ bias), dot one of the _dot_* above
     (passed as an argument, each compiles its own copy of this loop: one branch per chunk of rows)."""
     O, R = blocks.shape
-    scales = np.empty(x.shape[1] // 16, dtype=np.float32)          # the K types' unpacked scales, per row
+    scratch = np.empty((2, max(1, x.shape[1] // 16)), dtype=np.float32)   # the K types' scales, per row
     ahead = PREFETCH_BYTES // R + 1
     for o in range(start, stop):
         if o + ahead < O:
             for k in range(0, R, 64):
                 _prefetch(blocks, (o + ahead) * R + k)
         for n in range(x.shape[0]):
-            s = dot(x[n], xs[n], blocks, o, half, scales)
+            s = dot(x[n], xs[n], blocks, o, half, scratch)
             y[n, o] = s if bias is None else s + bias[o]
 
 
@@ -225,6 +217,24 @@ def gemv_widened(x, blocks, kind, half, bias=None):
     for t in nb.prange((O + ROWS - 1) // ROWS):
         row = np.empty(I, dtype=np.float32)
         for o in range(t * ROWS, min(O, (t + 1) * ROWS)):
-            _widen_row(kind, blocks, o, row, half)
+            _widen_row_simple(kind, blocks, o, row, half)
             dot_into(x, row, o, y, bias)
+    return y
+
+
+# A few more rows of x (a prompt's prefill): 4 rows widened at a time, then dot4_into (kernels/bf16.py).
+@parallel_when_large(PARALLEL_MIN, fastmath=GEMV_FASTMATH)
+def few_blocks(x, blocks, kind, half, bias=None):
+    """As gemv_blocks, for N of 5 .. weights.FEW_N rows of x."""
+    N, I = x.shape
+    O = blocks.shape[0]
+    y = np.empty((N, O), dtype=np.float32)
+    for t in nb.prange((O + ROWS - 1) // ROWS):
+        rows = np.empty((4, I), dtype=np.float32)
+        scratch = np.empty((2, max(1, I // 16)), dtype=np.float32)
+        for o in range(t * ROWS, min(O, (t + 1) * ROWS), 4):
+            count = min(4, O - o)
+            for c in range(count):
+                _widen_row(kind, blocks, o + c, rows[c], half, scratch)
+            dot4_into(x, rows, count, o, y, bias)
     return y

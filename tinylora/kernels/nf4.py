@@ -35,7 +35,7 @@ import numba as nb
 import numpy as np
 
 from . import PARALLEL_MIN, parallel_when_large
-from .bf16 import GEMV_FASTMATH, ROWS, dot_into
+from .bf16 import GEMV_FASTMATH, ROWS, dot4_into, dot_into
 
 # The NF4 code values: quantiles of N(0, 1) scaled to [-1, 1], with an exact 0 (QLoRA, Dettmers et al.
 # 2023, appendix E); as float32, exactly the table in bitsandbytes (backends/utils.py, csrc/common.h).
@@ -182,4 +182,25 @@ def gemv_nf4(x, packed, absmax, code2, absmax2, blocksize2, offset, blocksize, O
                 _widen_flat(packed, absmax, code2, absmax2, blocksize2, offset, blocksize, o * I, o * I + I,
                             row, table)
             dot_into(x, row, o, y, bias)
+    return y
+
+
+@parallel_when_large(PARALLEL_MIN, fastmath=GEMV_FASTMATH)
+def few_nf4(x, packed, absmax, code2, absmax2, blocksize2, offset, blocksize, O, table, bias=None):
+    """As gemv_nf4, for N of 5 .. weights.FEW_N rows of x: 4 rows widened at a time, dot4_into."""
+    N, I = x.shape
+    y = np.empty((N, O), dtype=np.float32)
+    pairs = _pairs(table)
+    for t in nb.prange((O + ROWS - 1) // ROWS):
+        rows = np.empty((4, I), dtype=np.float32)
+        for o in range(t * ROWS, min(O, (t + 1) * ROWS), 4):
+            count = min(4, O - o)
+            for c in range(count):
+                f0 = (o + c) * I
+                if I % blocksize == 0:
+                    _widen_row(packed, absmax, code2, absmax2, blocksize2, offset, blocksize, f0, rows[c], pairs)
+                else:
+                    _widen_flat(packed, absmax, code2, absmax2, blocksize2, offset, blocksize, f0, f0 + I,
+                                rows[c], table)
+            dot4_into(x, rows, count, o, y, bias)
     return y

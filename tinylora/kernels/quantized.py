@@ -84,6 +84,9 @@ class GGMLWeight(BlockWeight):
     def gemv(self, x, bias=None):
         return ggml.gemv_blocks(x, self.blocks, ggml.KINDS[self.qtype], ggml.HALF, bias)
 
+    def few(self, x, bias=None):
+        return ggml.few_blocks(x, self.blocks, ggml.KINDS[self.qtype], ggml.HALF, bias)
+
 
 class NF4Weight(BlockWeight):
     """A matrix in bitsandbytes' NF4 layout (kernels/nf4.py), as `save_pretrained` writes it.
@@ -142,6 +145,10 @@ class NF4Weight(BlockWeight):
     def gemv(self, x, bias=None):
         return nf4.gemv_nf4(x, self.packed, self.absmax, self.code2, self.absmax2, self.blocksize2, self.offset,
                             self.blocksize, self.shape[0], nf4.NF4, bias)
+
+    def few(self, x, bias=None):
+        return nf4.few_nf4(x, self.packed, self.absmax, self.code2, self.absmax2, self.blocksize2, self.offset,
+                           self.blocksize, self.shape[0], nf4.NF4, bias)
 
 
 # --------------------------------------------------------------------------

@@ -267,3 +267,91 @@ def _k_row_dot(kind: int):
 
 
 q4_k_row_dot, q5_k_row_dot, q6_k_row_dot = (_k_row_dot(k) for k in (5, 6, 7))
+
+
+# --------------------------------------------------------------------------
+# Widening a row of blocks into float32 (for the products that multiply many rows of x, kernels/weights.py)
+# --------------------------------------------------------------------------
+# The same codes, each times its scale (plus its min), stored 8 lanes at a time: as a Numba loop the
+# 2-d byte indexing (a negative-index check per load) kept LLVM from vectorising it, and a 576 x 1536
+# Q8_0 widened at ~2.5 G weights/s, Q6_K at ~0.3. The arithmetic is kernels/ggml.py's `_widen_row_simple`,
+# one rounding per operation (d q, then + m), so the result is bit for bit the same.
+
+def _store(builder, p, offset, value):
+    builder.store(value, builder.bitcast(builder.gep(p, [_const(offset)]), V8F.as_pointer()), align=4)
+
+
+def _widen(kind: int):
+    """The intrinsic for one 32-weight block type: (blocks (O, row bytes) uint8, row r, half (65536,)
+    float32, out (I,) float32) -> None; out[32b + j] = d_b q_{b,j} (+ m_b), every array C-contiguous."""
+    size, min_at, _, _, _ = LAYOUTS[kind]
+
+    def widen(typingctx, blocks, r, half, out):
+        if not _row_arguments_ok((half, out), blocks, r):
+            return None
+
+        def codegen(context, builder, signature, args):
+            ba, ha, oa = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 3))
+            r64 = context.cast(builder, args[1], signature.args[1], types.int64)
+            n_blocks = builder.udiv(builder.extract_value(oa.shape, 0), _const(32))
+            row = builder.gep(ba.data, [builder.mul(r64, builder.extract_value(ba.shape, 1))])
+
+            def block(b, values):
+                p = builder.gep(row, [builder.mul(b, _const(size))])
+                o = builder.gep(oa.data, [builder.mul(b, _const(32))])
+
+                def half_at(offset):
+                    bits = _load(builder, p, offset, I16)
+                    return _splat(builder, builder.load(builder.gep(ha.data, [builder.zext(bits, I64)])))
+                d = half_at(0)
+                m = None if min_at is None else half_at(min_at)
+                for g, code in enumerate(_block_codes(builder, kind, p)):
+                    w = builder.fmul(d, builder.sitofp(code, V8F))
+                    _store(builder, o, LANES * g, w if m is None else builder.fadd(w, m))
+                return values
+            _block_loop(builder, n_blocks, (), block)
+            return context.get_dummy_value()
+        return types.void(blocks, r, half, out), codegen
+    widen.__name__ = f"widen_kind{kind}"
+    return intrinsic(widen)
+
+
+q8_0_widen, q4_0_widen, q4_1_widen, q5_0_widen, q5_1_widen = (_widen(k) for k in range(5))
+
+
+def _k_widen(kind: int):
+    """The intrinsic for one super-block type: (scales, minima (I / weights per scale,) float32, blocks,
+    row r, out (I,) float32) -> None; out[j] = scales_i q_j (- minima_i; Q6_K has none), j in sub-block i."""
+    size, _, _, per_scale = K_LAYOUTS[kind]
+
+    def widen(typingctx, scales, minima, blocks, r, out):
+        if not _row_arguments_ok((scales, minima, out), blocks, r):
+            return None
+
+        def codegen(context, builder, signature, args):
+            sa, ma, ba, _, oa = (context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
+                                 for t, a in zip(signature.args, args))
+            r64 = context.cast(builder, args[3], signature.args[3], types.int64)
+            n_blocks = builder.udiv(builder.extract_value(oa.shape, 0), _const(256))
+            row = builder.gep(ba.data, [builder.mul(r64, builder.extract_value(ba.shape, 1))])
+
+            def superblock(b, values):
+                p = builder.gep(row, [builder.mul(b, _const(size))])
+                o = builder.gep(oa.data, [builder.mul(b, _const(256))])
+                first_scale = builder.mul(b, _const(256 // per_scale))
+
+                def at(array, i):                                  # array[first_scale + i], 8 copies
+                    return _splat(builder, builder.load(builder.gep(array.data, [builder.add(first_scale, _const(i))])))
+                for first, code in _k_codes(builder, kind, p):
+                    i = first // per_scale
+                    w = builder.fmul(at(sa, i), builder.sitofp(code, V8F))
+                    _store(builder, o, first, w if kind == 7 else builder.fsub(w, at(ma, i)))
+                return values
+            _block_loop(builder, n_blocks, (), superblock)
+            return context.get_dummy_value()
+        return types.void(scales, minima, blocks, r, out), codegen
+    widen.__name__ = f"k_widen_kind{kind}"
+    return intrinsic(widen)
+
+
+q4_k_widen, q5_k_widen, q6_k_widen = (_k_widen(k) for k in (5, 6, 7))

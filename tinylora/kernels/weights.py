@@ -9,6 +9,7 @@ quantised blocks (kernels/quantized.py). Each storage format is a `FrozenWeight`
     rows(start, stop)  rows start:stop widened to float32: the one thing every format provides
     gather(ids)        the rows at ids, widened (the embedding lookup)
     gemv(x, bias)      optionally, a fused kernel for a few rows of x (decoding) reading the stored bytes
+    few(x, bias)       optionally, a kernel for a few more (a prompt): 4 rows widened at a time, in L1
     path(N, dtype)     which product serves x (N, I) of that dtype
 
 and the dispatcher below serves every product with one, so that no op knows
@@ -24,6 +25,9 @@ The paths, from `tinylora bench kernels` (fp32 BLAS ~200 GFLOP/s here, see kerne
     "gemv"       N <= SMALL_N, float32 x, a format with a fused GEMV: one pass over the stored bytes.
                  Decoding reads every weight once per token, so bytes, not FLOPs, bound it: the bf16
                  GEMV is ~2x fp32 BLAS on lm_head-sized weights, ~1x on small ones.
+    "few"        SMALL_N < N <= FEW_N, float32 x, a format with one: a prompt's prefill. Each weight
+                 row is widened into L1 and meets N rows of x there, 2 x 4 products at a time
+                 (bf16.dot4_into), with no BLAS call and no widened tile in memory.
     "tiles"      otherwise, float32 x: rows widened TILE_BYTES at a time into a float32 buffer and
                  multiplied by BLAS; widening costs one pass per weight, BLAS then does 2N FLOPs per
                  widened weight (0.9-1.0x of fp32 BLAS at N = 256 with bf16).
@@ -38,12 +42,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bf16 import bf16_to_f32, f32_to_bf16, gemv_bf16, widen_rows
+from .bf16 import bf16_to_f32, f32_to_bf16, few_bf16, gemv_bf16, widen_rows
 
 # A fused GEMV's cost grows with N (one dot product per row of x and row of W), the tiled
 # path's widening does not: measured on the bench shapes with bf16, rows win at N <= 2,
-# tie at N = 4 and lose 2-3x at N = 8.
+# tie at N = 4 and lose 2-3x at N = 8. The few-rows kernels against widened tiles and BLAS, on the
+# SmolLM2 shapes (Zen 2, 2 cores): 1.4-3.9x faster at N = 8-28, 1.1-1.2x at 32, tie at 40-48.
 SMALL_N = 4
+FEW_N = 32
 # float32 bytes of W widened per BLAS call (stays in L3). Measured at N = 256: 1 MB tiles cut
 # a 1536 x 576 product into four BLAS calls of 455 columns and ran at 0.75-0.9x of fp32;
 # 4 MB (one call for every SmolLM2 projection) runs at 0.9-1.0x; 8 MB gains nothing more.
@@ -86,12 +92,15 @@ class FrozenWeight:
         return out.reshape(ids.shape + (self.shape[1],))
 
     gemv = None                             # (x (N, I) float32, bias) -> (N, O); None: no fused kernel
+    few = None                              # the same for SMALL_N < N <= FEW_N; None: tiles serve those
 
     def path(self, N: int, dtype) -> str:
         """The product serving x (N, I) of `dtype` (the rule in the module docstring)."""
         if np.dtype(dtype) != np.float32:
             return "widen-all"
-        return "gemv" if N <= SMALL_N and self.gemv is not None else "tiles"
+        if N <= SMALL_N and self.gemv is not None:
+            return "gemv"
+        return "few" if N <= FEW_N and self.few is not None else "tiles"
 
     def to_float(self) -> np.ndarray:
         """The whole matrix as a float array (O, I): a new float32 array unless the storage is one."""
@@ -176,6 +185,9 @@ class BF16Weight(Bits16Weight):
     def gemv(self, x, bias=None):
         return gemv_bf16(x, self.bits, bias)
 
+    def few(self, x, bias=None):
+        return few_bf16(x, self.bits, bias)
+
     def to_bf16_bits(self):
         return self.bits
 
@@ -218,8 +230,8 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     if bias is not None:
         bias = bias.astype(x.dtype, copy=False)
     path = w.path(N, x.dtype)
-    if path == "gemv":
-        return w.gemv(np.ascontiguousarray(x), bias)
+    if path in ("gemv", "few"):
+        return (w.gemv if path == "gemv" else w.few)(np.ascontiguousarray(x), bias)
     if path == "widen-all":
         w = DenseWeight(w.to_float().astype(x.dtype))
     if path in ("blas", "widen-all"):
@@ -252,7 +264,7 @@ def linear_dx(dy: np.ndarray, w) -> np.ndarray:
         w = DenseWeight(w.to_float().astype(dy.dtype))
     if path in ("blas", "widen-all"):
         return np.matmul(dy, w.array.astype(dy.dtype, copy=False))
-    out = np.zeros((N, I), dtype=np.float32)                      # "gemv" or "tiles": a fused GEMV has no
+    out = np.zeros((N, I), dtype=np.float32)                      # "gemv", "few" or "tiles": those have no
     rows = _tile_rows(I)                                          # transposed twin, so tiles serve both
     tile = np.empty((min(rows, O), I), dtype=np.float32)
     part = np.empty((N, I), dtype=np.float32)
