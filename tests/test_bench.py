@@ -26,13 +26,14 @@ def test_workloads_cover_the_spec():
     rows = bench.workloads()
     names = [w.name for w in rows]
     assert len(set(names)) == len(names)
-    heads = [w for w in rows if w.seq == 128 and w.dtype == "bfloat16" and not w.base]
+    heads = [w for w in rows if w.seq == 128 and w.dtype == "bfloat16" and not w.base and w.compute == "float32"]
     assert {(w.kind, w.model, w.targets) for w in heads} == {
         ("train", "smollm2", tuple(ALL_SEVEN)), ("train", "smollm2", ("q_proj", "v_proj")),
         ("train", "qwen2.5-0.5b", tuple(ALL_SEVEN)), ("decode", "smollm2", tuple(ALL_SEVEN)),
         ("decode", "qwen2.5-0.5b", tuple(ALL_SEVEN))}
     assert sorted(w.seq for w in rows if w.kind == "train" and w.targets == tuple(ALL_SEVEN)
-                  and w.model == "smollm2" and w.dtype == "bfloat16" and not w.base) == [128, 512, 1024, 2048]
+                  and w.model == "smollm2" and w.dtype == "bfloat16" and not w.base and w.compute == "float32"
+                  ) == [128, 512, 1024, 2048]
     based = {(w.kind, w.model, w.base): w.peers for w in rows if w.base}        # the QLoRA rows
     assert based == {("train", "smollm2", "Q4_K_M"): ("tinylora-bf16",),
                      ("train", "smollm2", "nf4"): ("tinylora-bf16", "peft-bnb4"),
@@ -151,3 +152,12 @@ def test_a_gguf_row_without_llama_cpp_is_a_table_cell(monkeypatch, tmp_path):
     row = bench.run_workload(w, repeats=1, model_dir=str(tmp_path / "SmolLM2"), peer=True)
     assert row["tinylora"]["tokens_per_s"] is None and "needs llama.cpp" in row["tinylora"]["error"]
     assert "needs llama.cpp" in "\n".join(quantised.format_rows([row]))
+
+
+def test_bf16_compute_rows_meet_both_pytorch_setups_where_the_cpu_has_bf16(monkeypatch):
+    monkeypatch.setattr(bench, "has_bf16_cpu", lambda: True)
+    rows = [w for w in bench.workloads() if w.compute == "bfloat16"]
+    assert {w.model for w in rows} == {"smollm2", "qwen2.5-0.5b"}
+    assert all(w.kind == "train" and w.peers == ("peft", "peft-bf16") and w.seq == 128 for w in rows)
+    monkeypatch.setattr(bench, "has_bf16_cpu", lambda: False)
+    assert not [w for w in bench.workloads() if w.compute == "bfloat16"]

@@ -14,6 +14,7 @@ remote code.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ def is_projection(name: str) -> bool:
 
 
 def load_model(name_or_path: str | Path, dtype: str = "float32", weights_dir: str | Path = "weights",
-               quantize: str | None = None) -> CausalLM:
+               quantize: str | None = None, compute: str = "float32") -> CausalLM:
     """The model alone (no tokenizer needed).
 
     dtype: "float32" (default) computes and stores in float32; "bfloat16"
@@ -82,7 +83,21 @@ def load_model(name_or_path: str | Path, dtype: str = "float32", weights_dir: st
     quantize: "nf4", "q8_0" or "q4_0" quantises a float checkpoint's projections as they are
     read (as_read). A quantised checkpoint (GGUF blocks, bitsandbytes NF4) keeps its own storage,
     and asking to quantise it again is an error.
+    compute: "float32" (exact, the default) or "bfloat16": training products in bf16 on the CPU's
+    bf16 dot-product instruction (CausalLM.set_compute; a CPU without it says so and stays float32).
     """
+    model = _load_model(name_or_path, dtype, weights_dir, quantize)
+    return _with_compute(model, compute)
+
+
+def _with_compute(model: CausalLM, compute: str) -> CausalLM:
+    note = model.set_compute(compute)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return model
+
+
+def _load_model(name_or_path, dtype, weights_dir, quantize) -> CausalLM:
     if dtype not in DTYPES:
         raise TinyloraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if quantize is not None and quantize not in quantized.QUANTIZE:
@@ -132,13 +147,15 @@ def _load_gguf(path: Path, dtype: str, quantize: str | None = None) -> tuple[Cau
 
 
 def load(name_or_path: str | Path, dtype: str = "float32", weights_dir: str | Path = "weights",
-         quantize: str | None = None):
+         quantize: str | None = None, compute: str = "float32"):
     """-> (model, tokenizer) from a local Hugging Face-format folder, a hub repo id or a .gguf file.
-    quantize: "nf4", "q8_0" or "q4_0" to hold a float checkpoint's projections quantised (load_model)."""
+    quantize: "nf4", "q8_0" or "q4_0" to hold a float checkpoint's projections quantised (load_model);
+    compute: "float32" or "bfloat16" (load_model)."""
     if _is_gguf(name_or_path):
         if quantize is not None and quantize not in quantized.QUANTIZE:
             raise TinyloraError(f"--quantize must be one of {', '.join(quantized.QUANTIZE)}, got {quantize!r}")
-        return _load_gguf(Path(name_or_path), dtype, quantize)
+        model, tokenizer = _load_gguf(Path(name_or_path), dtype, quantize)
+        return _with_compute(model, compute), tokenizer
     folder = resolve_model(name_or_path, weights_dir)
     tokenizer = Tokenizer.from_folder(folder)          # checked first: a missing tokenizer fails fast
-    return load_model(name_or_path, dtype, weights_dir, quantize), tokenizer   # resolves to the same folder again
+    return load_model(name_or_path, dtype, weights_dir, quantize, compute), tokenizer   # the same folder again

@@ -28,6 +28,7 @@ from .config import ModelConfig
 from .errors import TinyloraError
 from .formats.safetensors import check_tensors, is_float
 from .kernels.bf16 import bf16_to_f32
+from .kernels.bf16_dot import has_bf16_dot
 from .kernels.weights import BF16Weight, FrozenWeight, frozen_weight
 from .nn import Embedding, Linear, Module, RMSNorm
 from .ops.checkpoint import checkpoint
@@ -119,6 +120,23 @@ class CausalLM(Module):
     @property
     def dtype(self) -> np.dtype:
         return self.model.norm.weight.dtype
+
+    def set_compute(self, compute: str) -> str | None:
+        """compute "float32" (the default, exact) or "bfloat16": the products of every frozen matrix
+        with more than a few rows of x (training, a long prompt) round x and W to bf16 and sum in
+        float32 on the CPU's bf16 dot-product instruction (kernels/bf16_dot.py). LoRA's A and B,
+        their products and the optimizer stay float32. Returns a one-line note when the CPU cannot
+        (no avx512_bf16): the products then stay float32."""
+        if compute not in ("float32", "bfloat16"):
+            raise TinyloraError(f"compute must be float32 or bfloat16, got {compute!r}")
+        if compute == "bfloat16" and self.dtype != np.float32:
+            raise TinyloraError(f"compute bfloat16 needs a float32 model, this one computes in {self.dtype}")
+        for _, p in self.named_parameters():
+            if isinstance(p.data, FrozenWeight):
+                p.data.compute = compute
+        if compute == "bfloat16" and not has_bf16_dot():
+            return "compute bfloat16: this CPU has no avx512_bf16 (or Numba targets none), so products stay float32"
+        return None
 
     def hidden_states(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                       cache: KVCache | None = None) -> Tensor:

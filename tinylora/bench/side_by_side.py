@@ -49,7 +49,7 @@ from ..config import ModelConfig
 from ..errors import TinyloraError
 from . import quantised
 from .kernels import blas_info, time_call
-from .workers import ALL_SEVEN, LORA_R, RANDOM, Workload, serve, users_omp_wait_policy
+from .workers import ALL_SEVEN, LORA_R, RANDOM, Workload, has_bf16_cpu, serve, users_omp_wait_policy
 
 SEQ_LENGTHS = (128, 512, 1024, 2048)
 TARGETS = {"train": 1.2, "decode": 2.0}       # tokens/s ratio vs the peer at least
@@ -64,6 +64,7 @@ def workloads(max_seq: int = 2048) -> list[Workload]:
             Workload("train SmolLM2-135M, q/v only", "train", "smollm2", targets=("q_proj", "v_proj"), dtype=bf16),
             Workload("train Qwen2.5-0.5B shape, all seven", "train", "qwen2.5-0.5b", dtype=bf16),
             Workload("train SmolLM2-135M, all seven, tinylora fp32 weights", "train", "smollm2"),
+            *bf16_compute_rows(),
             Workload("decode SmolLM2-135M", "decode", "smollm2", dtype=bf16),
             Workload("decode SmolLM2-135M, tinylora fp32 weights", "decode", "smollm2"),
             Workload("decode Qwen2.5-0.5B shape", "decode", "qwen2.5-0.5b", dtype=bf16)]
@@ -72,6 +73,18 @@ def workloads(max_seq: int = 2048) -> list[Workload]:
             rows.append(Workload(f"train SmolLM2-135M, all seven, 2 x {T}", "train", "smollm2", seq=T,
                                  dtype=bf16, repeats=3 if T <= 512 else 2))
     return rows + quantised.workloads()      # 4-bit bases and GGUF decoding (bench/quantised.py)
+
+
+def bf16_compute_rows() -> list[Workload]:
+    """tinylora with --compute bfloat16 against PyTorch in float32 and with bf16 autocast, where the CPU has
+    avx512_bf16 (on another CPU tinylora would fall back to float32 and PyTorch's autocast would emulate)."""
+    if not has_bf16_cpu():
+        return []
+    peers = ("peft", "peft-bf16")
+    return [Workload("train SmolLM2-135M, all seven, bf16 compute", "train", "smollm2", dtype="bfloat16",
+                     compute="bfloat16", peers=peers),
+            Workload("train Qwen2.5-0.5B shape, all seven, bf16 compute", "train", "qwen2.5-0.5b",
+                     dtype="bfloat16", compute="bfloat16", peers=peers)]
 
 
 def train_flops_per_token(config: ModelConfig, targets, r: int, T: int) -> float:
@@ -102,7 +115,8 @@ def gemm_gflops(n: int = GEMM_N, calls: int = 3) -> float:
     return 2.0 * n ** 3 / best / 1e9
 
 
-PEER_MODULES = {"peft": ("torch", "transformers", "peft"), "peft-bnb4": ("torch", "transformers", "peft", "bitsandbytes"),
+PEER_MODULES = {"peft": ("torch", "transformers", "peft"), "peft-bf16": ("torch", "transformers", "peft"),
+                "peft-bnb4": ("torch", "transformers", "peft", "bitsandbytes"),
                 "llama.cpp": ("llama_cpp",), "tinylora-bf16": ()}
 
 
@@ -195,7 +209,9 @@ def run_workload(workload: Workload, repeats: int, model_dir: str | None, peer: 
         rss = w.stop()
         row[w.side] = {"tokens_per_s": float(np.median(speeds[w.side])) if speeds[w.side] else None,
                        "repeats": speeds[w.side], "peak_rss_gb": rss, "error": w.error, "versions": w.versions}
-    ours, theirs = row["tinylora"], row.get("peft")
+    pytorch = [s for s in ("peft", "peft-bf16") if s in row and row[s]["tokens_per_s"]]
+    strongest = max(pytorch, key=lambda s: row[s]["tokens_per_s"]) if pytorch else "peft"
+    ours, theirs = row["tinylora"], row.get(strongest)
     if workload.kind == "train" and (workload.model == "smollm2" or workload.model in RANDOM):
         config = (ModelConfig.from_json(Path(model_dir) / "config.json") if workload.model == "smollm2"
                   else ModelConfig.from_dict(RANDOM[workload.model]))
@@ -212,8 +228,9 @@ def run_workload(workload: Workload, repeats: int, model_dir: str | None, peer: 
             else None,
             "rss": ours["peak_rss_gb"] / other["peak_rss_gb"] if ours["peak_rss_gb"] and other["peak_rss_gb"]
             else None}
-    if theirs:
-        row["speed_ratio"], row["rss_ratio"] = row["ratios"]["peft"]["speed"], row["ratios"]["peft"]["rss"]
+    if theirs:                                           # the headline: the stronger PyTorch setup
+        row["peer_side"] = strongest
+        row["speed_ratio"], row["rss_ratio"] = row["ratios"][strongest]["speed"], row["ratios"][strongest]["rss"]
     return row
 
 
@@ -264,13 +281,15 @@ def _num(x, fmt: str, unit: str = "") -> str:
 
 
 def format_row(row: dict) -> str:
-    ours, theirs = row["tinylora"], row.get("peft") or {}
-    cells = [row["workload"], _num(ours["tokens_per_s"], ".1f"), _num(theirs.get("tokens_per_s"), ".1f"),
+    side = row.get("peer_side", "peft")
+    ours, theirs = row["tinylora"], row.get(side) or {}
+    name = row["workload"] + (" (PyTorch: bf16 autocast)" if side == "peft-bf16" else "")
+    cells = [name, _num(ours["tokens_per_s"], ".1f"), _num(theirs.get("tokens_per_s"), ".1f"),
              _num(row.get("speed_ratio"), ".2f", "×"), _num(ours["peak_rss_gb"], ".2f", " GB"),
              _num(theirs.get("peak_rss_gb"), ".2f", " GB"), _num(row.get("rss_ratio"), ".2f", "×"),
              _num(ours.get("mfu") and 100 * ours["mfu"], ".0f", " %"),
              _num(theirs.get("mfu") and 100 * theirs["mfu"], ".0f", " %")]
-    errors = [f"{side}: {r['error']}" for side, r in (("tinylora", ours), ("peft", theirs)) if r.get("error")]
+    errors = [f"{s}: {r['error']}" for s, r in (("tinylora", ours), (side, theirs)) if r.get("error")]
     return "| " + " | ".join(cells) + " |" + (f"  ({'; '.join(errors)})" if errors else "")
 
 

@@ -12,6 +12,8 @@ library and one workload: loading, building and running it.
                           bf16 or float32 weights, a quantised GGUF file, or --quantize nf4)
     side "tinylora-bf16": the same, on the bf16 base: what a quantised base is measured against
     side "peft":          transformers' model + PEFT's get_peft_model + torch.optim.AdamW
+    side "peft-bf16":     the same under torch.autocast("cpu", dtype=torch.bfloat16), what TrainingArguments(bf16=True)
+                          does on a CPU: oneDNN's bf16 GEMM, PyTorch's strongest setup on a CPU with avx512_bf16
     side "peft-bnb4":     the same on a bitsandbytes NF4 base (BitsAndBytesConfig, QLoRA as users run it)
     side "llama.cpp":     llama-cpp-python decoding the workload's GGUF file (decoding only)
 
@@ -63,6 +65,7 @@ class Workload:
     base: str | None = None            # a quantised base: "nf4" (--quantize), or a GGUF type ("Q4_K_M", "Q8_0")
     peers: tuple[str, ...] = ("peft",)  # the other sides, each in its own process (see the module docstring)
     grad_checkpoint: bool = False      # tinylora: recompute each layer in the backward (ops/checkpoint.py)
+    compute: str = "float32"           # tinylora: "bfloat16" for the bf16 dot-product GEMM (CausalLM.set_compute)
     repeats: int | None = None         # None: the bench's --repeats
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -135,6 +138,8 @@ def _tinylora_runner(workload: Workload, model_dir: str | None, bf16_base: bool 
                    else random_state_dict(config, rng, bf16=dtype == "bfloat16"))
         model = CausalLM.from_state_dict(config, tensors)
         del tensors
+    if model.set_compute(workload.compute):
+        raise RuntimeError(f"compute {workload.compute} needs avx512_bf16, which this CPU lacks")
     ids = _batch(workload, model.config.vocab_size)
     if workload.kind == "decode":
         prompt = [int(t) for t in ids[0]]
@@ -157,7 +162,7 @@ def _tinylora_runner(workload: Workload, model_dir: str | None, bf16_base: bool 
 
 
 # -- PyTorch + transformers + PEFT ---------------------------------------------------------------
-def _peft_runner(workload: Workload, model_dir: str | None, nf4: bool = False):
+def _peft_runner(workload: Workload, model_dir: str | None, nf4: bool = False, autocast: bool = False):
     import peft
     import torch
     import transformers
@@ -194,7 +199,8 @@ def _peft_runner(workload: Workload, model_dir: str | None, nf4: bool = False):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> int:
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -237,16 +243,26 @@ def _llama_cpp_runner(workload: Workload, model_dir: str | None):
     return decode
 
 
-def _has_amx() -> bool:
+def _cpu_flag(flag: str) -> bool:
     try:
-        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+        return f" {flag}" in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
 
 
+def _has_amx() -> bool:
+    return _cpu_flag("amx_int8")
+
+
+def has_bf16_cpu() -> bool:
+    """True on a CPU with avx512_bf16 (or AMX): where PyTorch's bf16 autocast is its strongest setup."""
+    return _cpu_flag("avx512_bf16") or _cpu_flag("amx_bf16")
+
+
 RUNNERS = {"tinylora": _tinylora_runner, "peft": _peft_runner, "llama.cpp": _llama_cpp_runner,
            "tinylora-bf16": lambda w, d: _tinylora_runner(w, d, bf16_base=True),
-           "peft-bnb4": lambda w, d: _peft_runner(w, d, nf4=True)}
+           "peft-bnb4": lambda w, d: _peft_runner(w, d, nf4=True),
+           "peft-bf16": lambda w, d: _peft_runner(w, d, autocast=True)}
 
 
 def users_omp_wait_policy() -> str | None:
@@ -269,6 +285,8 @@ def library_versions(side: str) -> str:
         return f"llama-cpp-python {version('llama-cpp-python')} ({os.cpu_count()} threads{repack})"
     if side == "peft-bnb4":
         return f"bitsandbytes {version('bitsandbytes')}"
+    if side == "peft-bf16":
+        return "PyTorch bf16 autocast"
     import peft
     import torch
     import transformers

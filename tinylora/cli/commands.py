@@ -150,7 +150,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..train.data import load_dataset
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     load_dataset(config.data)                    # a bad line fails here, before the slow model load
-    model, tok = load(config.model, dtype=config.dtype, quantize=config.quantize)
+    model, tok = load(config.model, dtype=config.dtype, quantize=config.quantize, compute=config.compute)
     result = train(config, model, tok)
     print(f"done: {result.steps} steps; adapter in {config.adapter_path}/"
           + (f", best validation loss {result.best_val:.3f} in {config.adapter_path}/best/"

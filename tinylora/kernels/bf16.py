@@ -31,18 +31,22 @@ def bf16_to_f32(bits):
     return out.view(np.float32).reshape(bits.shape)
 
 
+@nb.njit(cache=True, inline="always")
+def round_bf16(b):
+    """b: a float32's bits (uint32) -> its bf16 bits (uint16), rounded to nearest even (NaN stays NaN)"""
+    if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):         # NaN
+        return np.uint16((b >> np.uint32(16)) | np.uint32(0x0040))
+    lsb = (b >> np.uint32(16)) & np.uint32(1)
+    return np.uint16((np.uint64(b) + np.uint64(0x7FFF) + lsb) >> np.uint64(16))
+
+
 @parallel_when_large(PARALLEL_MIN)
 def f32_to_bf16(x):
     """x (...) float32, C-contiguous -> (...) uint16 bf16 bits, round to nearest even"""
     u = x.reshape(-1).view(np.uint32)
     out = np.empty(u.size, dtype=np.uint16)
     for i in nb.prange(u.size):
-        b = u[i]
-        if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):     # NaN
-            out[i] = np.uint16((b >> np.uint32(16)) | np.uint32(0x0040))
-        else:
-            lsb = (b >> np.uint32(16)) & np.uint32(1)
-            out[i] = np.uint16((np.uint64(b) + np.uint64(0x7FFF) + lsb) >> np.uint64(16))
+        out[i] = round_bf16(u[i])
     return out.reshape(x.shape)
 
 

@@ -31,6 +31,10 @@ The paths, from `tinylora bench kernels` (fp32 BLAS ~200 GFLOP/s here, see kerne
     "tiles"      otherwise, float32 x: rows widened TILE_BYTES at a time into a float32 buffer and
                  multiplied by BLAS; widening costs one pass per weight, BLAS then does 2N FLOPs per
                  widened weight (0.9-1.0x of fp32 BLAS at N = 256 with bf16).
+    "bf16-dot"   instead of "tiles" (and of "blas" for a frozen float32 matrix) when the weight's
+                 `compute` is "bfloat16" (CausalLM.set_compute, --compute bfloat16) and the CPU has
+                 avx512_bf16: x and W rounded to bf16, float32 sums, kernels/bf16_dot.py; bf16 bits
+                 are used as stored, any other format widened and rounded TILE_BYTES at a time.
     "widen-all"  float64 x (gradient checks, the float64 model): the whole matrix widened, then BLAS.
 
 A trainable weight (LoRA's A and B, a test's W) is a plain ndarray; `as_weight`
@@ -43,6 +47,7 @@ from __future__ import annotations
 import numpy as np
 
 from .bf16 import bf16_to_f32, f32_to_bf16, few_bf16, gemv_bf16, widen_rows
+from .bf16_dot import has_bf16_dot, matmul_nn_bf16, matmul_nt_bf16
 
 # A fused GEMV's cost grows with N (one dot product per row of x and row of W), the tiled
 # path's widening does not: measured on the bench shapes with bf16, rows win at N <= 2,
@@ -93,6 +98,7 @@ class FrozenWeight:
 
     gemv = None                             # (x (N, I) float32, bias) -> (N, O); None: no fused kernel
     few = None                              # the same for SMALL_N < N <= FEW_N; None: tiles serve those
+    compute = "float32"                     # "bfloat16": the larger products in bf16 ("bf16-dot")
 
     def path(self, N: int, dtype) -> str:
         """The product serving x (N, I) of `dtype` (the rule in the module docstring)."""
@@ -100,7 +106,9 @@ class FrozenWeight:
             return "widen-all"
         if N <= SMALL_N and self.gemv is not None:
             return "gemv"
-        return "few" if N <= FEW_N and self.few is not None else "tiles"
+        if N <= FEW_N and self.few is not None:
+            return "few"
+        return "bf16-dot" if self.compute == "bfloat16" and has_bf16_dot() else "tiles"
 
     def to_float(self) -> np.ndarray:
         """The whole matrix as a float array (O, I): a new float32 array unless the storage is one."""
@@ -144,7 +152,8 @@ class DenseWeight(FrozenWeight):
         return self.array[ids]
 
     def path(self, N, dtype):
-        return "blas"
+        bf16 = self.compute == "bfloat16" and np.dtype(dtype) == np.float32 and N > FEW_N and has_bf16_dot()
+        return "bf16-dot" if bf16 else "blas"
 
 
 class Bits16Weight(FrozenWeight):
@@ -220,7 +229,21 @@ def frozen_weight(a: np.ndarray, dtype=np.float32) -> FrozenWeight:
 # --------------------------------------------------------------------------
 
 def _tile_rows(I: int) -> int:
-    return max(16, TILE_BYTES // (4 * max(I, 1)))
+    return max(16, TILE_BYTES // (4 * max(I, 1))) // 2 * 2     # even: bf16 pairs of rows never straddle two
+
+
+def _bf16_tiles(w):
+    """(o0, o1, bits (o1 - o0, I) uint16) covering w's rows: a bf16 weight's own bits in one piece,
+    any other format widened and rounded to bf16 TILE_BYTES at a time (the "bf16-dot" path)."""
+    O, I = w.shape
+    if isinstance(w, BF16Weight):
+        yield 0, O, w.bits
+        return
+    rows = _tile_rows(I)
+    tile = np.empty((min(rows, O), I), dtype=np.float32)
+    for o0 in range(0, O, rows):
+        o1 = min(O, o0 + rows)
+        yield o0, o1, f32_to_bf16(w.rows(o0, o1, tile))
 
 
 def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
@@ -232,6 +255,14 @@ def linear(x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
     path = w.path(N, x.dtype)
     if path in ("gemv", "few"):
         return (w.gemv if path == "gemv" else w.few)(np.ascontiguousarray(x), bias)
+    if path == "bf16-dot":
+        x = np.ascontiguousarray(x)
+        if isinstance(w, BF16Weight):
+            return matmul_nt_bf16(x, w.bits, bias)
+        y = np.empty((N, O), dtype=np.float32)
+        for o0, o1, bits in _bf16_tiles(w):
+            y[:, o0:o1] = matmul_nt_bf16(x, bits, None if bias is None else bias[o0:o1])
+        return y
     if path == "widen-all":
         w = DenseWeight(w.to_float().astype(x.dtype))
     if path in ("blas", "widen-all"):
@@ -264,6 +295,11 @@ def linear_dx(dy: np.ndarray, w) -> np.ndarray:
         w = DenseWeight(w.to_float().astype(dy.dtype))
     if path in ("blas", "widen-all"):
         return np.matmul(dy, w.array.astype(dy.dtype, copy=False))
+    if path == "bf16-dot":                                        # dy W = sum over row tiles, as below
+        out = None
+        for o0, o1, bits in _bf16_tiles(w):
+            out = matmul_nn_bf16(np.ascontiguousarray(dy[:, o0:o1]), bits, out)
+        return out
     out = np.zeros((N, I), dtype=np.float32)                      # "gemv", "few" or "tiles": those have no
     rows = _tile_rows(I)                                          # transposed twin, so tiles serve both
     tile = np.empty((min(rows, O), I), dtype=np.float32)
