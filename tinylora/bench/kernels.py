@@ -9,6 +9,8 @@ Qwen2.5-0.5B's), at N = 256 tokens (training, batch 2 x 128) and N = 1
     numba          our fp32 kernel (kernels/matmul.py): gemm_nt, or gemv_nt when N <= SMALL_N
     dispatch fp32  kernels.weights.linear with a float32 DenseWeight: what the model runs
     dispatch bf16  kernels.weights.linear with a BF16Weight: a fused GEMV, or widened tiles + BLAS
+    compute bf16   the same weight with compute "bfloat16" (--compute bfloat16), at N > FEW_N on a CPU
+                   with avx512_bf16: the bf16 dot-product GEMM (kernels/bf16_dot.py)
 
 and reports ms per call, GFLOP/s, weight bytes read per second and the speed
 relative to numpy (> 1 is faster). The `kernel` column of the dispatch rows
@@ -32,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from ..kernels import matmul as K
+from ..kernels.bf16_dot import has_bf16_dot
 from ..kernels import weights as W
 
 # SmolLM2-135M: hidden 576, 9 query heads and 3 kv heads of 64 (kv dim 192),
@@ -86,13 +89,18 @@ def _paths(x: np.ndarray, ws: list[np.ndarray], bf16s: list) -> dict[str, tuple[
     w, b = itertools.cycle(ws), itertools.cycle(bf16s)
     dense = [W.DenseWeight(a) for a in ws]
     d = itertools.cycle(dense)
-    return {
+    paths = {
         "numpy": ("blas", lambda: np.matmul(x, next(w).T)),
         "numba": (("gemv_nt", lambda: K.gemv_nt(x, next(w))) if N <= W.SMALL_N
                   else ("gemm_nt", lambda: K.gemm_nt(x, next(w)))),
         "dispatch fp32": (W.linear_path(dense[0], N, x.dtype), lambda: W.linear(x, next(d))),
         "dispatch bf16": (W.linear_path(bf16s[0], N, x.dtype), lambda: W.linear(x, next(b))),
     }
+    if N > W.FEW_N and has_bf16_dot():
+        dot = W.BF16Weight(bf16s[0].bits)
+        dot.compute = "bfloat16"
+        paths["compute bf16"] = (W.linear_path(dot, N, x.dtype), lambda: W.linear(x, dot))
+    return paths
 
 
 def time_call(call: Callable[[], np.ndarray], n: int) -> float:
