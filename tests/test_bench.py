@@ -105,6 +105,40 @@ def test_peers_start_without_the_environment_tinylora_sets(monkeypatch):
         assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
+def test_a_peers_process_sees_the_users_environment_not_tinyloras(monkeypatch):
+    """A spawned peer (as run_workload starts one) re-imports tinylora, whose kernels set OMP_WAIT_POLICY;
+    what the peer's library then reads is exactly the user's environment."""
+    import multiprocessing
+    import os
+
+    import tinylora.kernels
+    from tinylora.bench import workers
+    users = {k: v for k, v in workers.threading_environment().items() if k != "OMP_WAIT_POLICY"}
+    if tinylora.kernels.OMP_WAIT_POLICY_BEFORE is not None:
+        users["OMP_WAIT_POLICY"] = tinylora.kernels.OMP_WAIT_POLICY_BEFORE
+    assert os.environ.get("OMP_WAIT_POLICY")           # tinylora's own setting, in this process
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    with bench.peer_environment():
+        process = ctx.Process(target=workers.report_peer_environment, args=(child,))
+        process.start()
+    try:
+        assert parent.recv() == users
+    finally:
+        process.join(60)
+
+
+def test_native_blas_unsets_the_openblas_overrides_for_tinyloras_workers_only(monkeypatch):
+    import os
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("OPENBLAS_L2_SIZE", "1048576")
+    with bench.tinylora_environment(native_blas=True):
+        assert "OPENBLAS_CORETYPE" not in os.environ and "OPENBLAS_L2_SIZE" not in os.environ
+    assert os.environ["OPENBLAS_CORETYPE"] == "Haswell" and os.environ["OPENBLAS_L2_SIZE"] == "1048576"
+    with bench.tinylora_environment(native_blas=False):
+        assert os.environ["OPENBLAS_CORETYPE"] == "Haswell"
+
+
 def test_a_worker_reports_its_own_peak_memory_not_its_parents():
     """Linux carries ru_maxrss across fork and exec: a worker started by a large process reported at
     least the parent's size (every row of one run read 0.89 GB). peak_memory_gb is the worker's own."""

@@ -28,8 +28,12 @@ How it measures, and why:
   and input-gradient products of every frozen linear layer and lm_head
   (no weight gradients: they are frozen), the LoRA products, and causal
   attention.
-* The BLAS NumPy uses is reported via threadpoolctl (kernels.blas_info).
-  The OPENBLAS_* variables of the environment are reported, never changed.
+* The BLAS NumPy uses is reported via threadpoolctl (kernels.blas_info), and each
+  tinylora worker reports the kernel its own NumPy picked. The OPENBLAS_* variables of
+  the environment are reported; `--native-blas` starts tinylora's workers without
+  OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE (which these machines set for old OpenBLAS
+  builds, halving numpy's GEMM on a Zen 5), so OpenBLAS picks its kernel for the CPU.
+  The peers never see a change: PyTorch's MKL/oneDNN ignore both anyway.
 
 `tinylora bench kernels` (bench/kernels.py) times the matmul paths alone.
 """
@@ -137,14 +141,27 @@ def peer_environment():
             os.environ["OMP_WAIT_POLICY"] = ours
 
 
+NATIVE_BLAS_UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+@contextlib.contextmanager
+def tinylora_environment(native_blas: bool):
+    """os.environ while a tinylora worker starts: as it is, or (native_blas) without NATIVE_BLAS_UNSET."""
+    saved = {k: os.environ.pop(k) for k in NATIVE_BLAS_UNSET if native_blas and k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 class _Worker:
     """One side of one workload in its own spawned process."""
 
-    def __init__(self, ctx, side: str, workload: Workload, model_dir: str | None):
+    def __init__(self, ctx, side: str, workload: Workload, model_dir: str | None, native_blas: bool = False):
         self.side, self.error, self.versions = side, None, ""
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=serve, args=(side, workload, model_dir, child), daemon=True)
-        with contextlib.nullcontext() if side.startswith("tinylora") else peer_environment():
+        with tinylora_environment(native_blas) if side.startswith("tinylora") else peer_environment():
             self.process.start()
         child.close()
         reply = self._recv()
@@ -184,7 +201,8 @@ def _row_head(workload: Workload) -> dict:
             "batch": workload.batch, "seq": workload.seq, "targets": list(workload.targets)}
 
 
-def run_workload(workload: Workload, repeats: int, model_dir: str | None, peer: bool) -> dict:
+def run_workload(workload: Workload, repeats: int, model_dir: str | None, peer: bool,
+                 native_blas: bool = False) -> dict:
     """Time one workload on both sides, alternating -> its result row (see the module docstring)."""
     ctx = multiprocessing.get_context("spawn")
     sides = ["tinylora"] + [p for p in workload.peers if (peer or p.startswith("tinylora"))
@@ -195,7 +213,7 @@ def run_workload(workload: Workload, repeats: int, model_dir: str | None, peer: 
         except TinyloraError as e:                        # no llama-cpp-python: the row says so, the bench goes on
             empty = {"tokens_per_s": None, "repeats": [], "peak_rss_gb": None, "error": str(e), "versions": ""}
             return {**_row_head(workload), "gemm_gflops": None, "tinylora": empty, "ratios": {}}
-    workers = [_Worker(ctx, side, workload, model_dir) for side in sides]
+    workers = [_Worker(ctx, side, workload, model_dir, native_blas) for side in sides]
     speeds = {side: [] for side in sides}
     gemm = []
     for i in range(workload.repeats or repeats):
@@ -253,19 +271,20 @@ def machine() -> dict:
 
 
 def run_bench(rows: list[Workload], repeats: int = 5, model_dir: str | None = None, peer: bool = True,
-              log=print) -> dict:
+              log=print, native_blas: bool = False) -> dict:
     """Every workload in turn -> {"machine", "peer", "rows"}; logs each row as it finishes."""
     reason = peer_available() if peer else "switched off (--no-peer)"
     if reason:
         log(f"PyTorch+PEFT: {reason}; timing tinylora alone")
-    result = {"machine": machine(), "peer": reason or "PyTorch+transformers+PEFT", "rows": []}
+    result = {"machine": machine(), "peer": reason or "PyTorch+transformers+PEFT", "rows": [],
+              "native_blas": native_blas}
     headed = set()
     for workload in rows:
         kind = "quantised" if workload.base else "plain"
         if kind not in headed:                 # each table's header before its first row
             headed.add(kind)
             log(quantised.HEADER if workload.base else HEADER)
-        row = run_workload(workload, repeats, model_dir, peer=reason is None)
+        row = run_workload(workload, repeats, model_dir, peer=reason is None, native_blas=native_blas)
         result["rows"].append(row)
         log("\n".join(quantised.format_rows([row])[2:]) if row["base"] else format_row(row))
     return result
@@ -300,6 +319,8 @@ def format_table(result: dict) -> str:
     lines += m["blas"].splitlines()
     if m["env"]:
         lines.append("Environment: " + ", ".join(f"{k}={v}" for k, v in m["env"].items()))
+    if result.get("native_blas"):
+        lines.append(f"--native-blas: tinylora's workers ran without {' and '.join(NATIVE_BLAS_UNSET)}")
     versions = {side["versions"] for r in result["rows"] for side in r.values()
                 if isinstance(side, dict) and side.get("versions")}
     lines += sorted(versions)

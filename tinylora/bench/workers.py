@@ -279,7 +279,9 @@ def users_omp_wait_policy() -> str | None:
 def library_versions(side: str) -> str:
     from importlib.metadata import version
     if side.startswith("tinylora"):
-        return f"tinylora {version('tinylora')}, numpy {np.__version__}, numba {version('numba')}"
+        from .kernels import blas_info
+        blas = blas_info().splitlines()[0]                 # the kernel this worker's own NumPy picked
+        return f"tinylora {version('tinylora')}, numpy {np.__version__}, numba {version('numba')}; {blas}"
     if side == "llama.cpp":
         repack = "; AMX repacking off: it crashes here" if _has_amx() else ""
         return f"llama-cpp-python {version('llama-cpp-python')} ({os.cpu_count()} threads{repack})"
@@ -292,6 +294,18 @@ def library_versions(side: str) -> str:
     import transformers
     return (f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
             f"{transformers.__version__}, peft {peft.__version__}")
+
+
+def threading_environment() -> dict:
+    """The variables a library's threads and BLAS read (OMP_*, OPENBLAS_*, MKL_*, NUMBA_*), as this process has them."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "OPENBLAS_", "MKL_", "NUMBA_"))}
+
+
+def report_peer_environment(conn) -> None:
+    """Spawned-process entry point for the bench's environment test: a peer's process as serve
+    prepares it (the user's OMP_WAIT_POLICY back), reporting threading_environment()."""
+    users_omp_wait_policy()
+    conn.send(threading_environment())
 
 
 def serve(side: str, workload: Workload, model_dir: str | None, conn) -> None:

@@ -129,7 +129,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise TinyloraError(f"--only {' '.join(args.only)} matches no workload; they are: "
                                 + "; ".join(w.name for w in bench.workloads()))
     model_dir = str(download_smollm2(args.weights_dir)) if any(w.model == "smollm2" for w in rows) else None
-    result = bench.run_bench(rows, repeats=args.repeats, model_dir=model_dir, peer=not args.no_peer)
+    result = bench.run_bench(rows, repeats=args.repeats, model_dir=model_dir, peer=not args.no_peer,
+                             native_blas=args.native_blas)
     print()
     print(bench.format_table(result))
     if args.json:
@@ -299,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only workloads whose name contains one of these words (e.g. decode, Qwen, 2048)")
     p.add_argument("--max-seq", type=int, default=2048, help="longest sequence of the scaling rows (default 2048)")
     p.add_argument("--no-peer", action="store_true", help="time tinylora alone, even if PyTorch+PEFT is installed")
+    p.add_argument("--native-blas", action="store_true", help="start tinylora's workers without OPENBLAS_CORETYPE and "
+                   "OPENBLAS_L2_SIZE, so OpenBLAS picks its own kernel for this CPU (the peers are unaffected; "
+                   "each side reports the kernel it ran)")
     p.add_argument("--weights-dir", default="weights", help="where SmolLM2 is kept (fetched if missing)")
     p.set_defaults(func=_cmd_bench)
 
