@@ -95,28 +95,34 @@ def test_peers_start_without_the_environment_tinylora_sets(monkeypatch):
     import os
 
     import tinylora.kernels
-    monkeypatch.setattr(tinylora.kernels, "OMP_WAIT_POLICY_BEFORE", None)
+    before = tinylora.kernels.THREADING_BEFORE
+    monkeypatch.setitem(before, "OMP_WAIT_POLICY", None)
+    monkeypatch.setitem(before, "GOMP_SPINCOUNT", None)
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "3000")
     with bench.peer_environment():
-        assert "OMP_WAIT_POLICY" not in os.environ
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.setattr(tinylora.kernels, "OMP_WAIT_POLICY_BEFORE", "ACTIVE")     # the user's own choice
+        assert "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["GOMP_SPINCOUNT"] == "3000"
+    monkeypatch.setitem(before, "OMP_WAIT_POLICY", "ACTIVE")                     # the user's own choice
     with bench.peer_environment():
-        assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+        assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in os.environ
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["GOMP_SPINCOUNT"] == "3000"
+    assert bench.machine()["env"].get("OMP_WAIT_POLICY") == "ACTIVE"             # the table shows the user's
+    assert "GOMP_SPINCOUNT" not in bench.machine()["env"]
 
 
 def test_a_peers_process_sees_the_users_environment_not_tinyloras(monkeypatch):
-    """A spawned peer (as run_workload starts one) re-imports tinylora, whose kernels set OMP_WAIT_POLICY;
-    what the peer's library then reads is exactly the user's environment."""
+    """A spawned peer (as run_workload starts one) re-imports tinylora, whose kernels set OMP_WAIT_POLICY
+    and GOMP_SPINCOUNT; what the peer's library then reads is exactly the user's environment."""
     import multiprocessing
     import os
 
     import tinylora.kernels
     from tinylora.bench import workers
-    users = {k: v for k, v in workers.threading_environment().items() if k != "OMP_WAIT_POLICY"}
-    if tinylora.kernels.OMP_WAIT_POLICY_BEFORE is not None:
-        users["OMP_WAIT_POLICY"] = tinylora.kernels.OMP_WAIT_POLICY_BEFORE
-    assert os.environ.get("OMP_WAIT_POLICY")           # tinylora's own setting, in this process
+    before = tinylora.kernels.THREADING_BEFORE
+    users = {k: v for k, v in workers.threading_environment().items() if k not in before}
+    users.update({k: v for k, v in before.items() if v is not None})
+    assert os.environ.get("OMP_WAIT_POLICY") and os.environ.get("GOMP_SPINCOUNT")   # tinylora's, here
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     with bench.peer_environment():

@@ -51,9 +51,10 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import TinyloraError
+from ..kernels import THREADING_BEFORE
 from . import quantised
 from .kernels import blas_info, time_call
-from .workers import ALL_SEVEN, LORA_R, RANDOM, Workload, has_bf16_cpu, serve, users_omp_wait_policy
+from .workers import ALL_SEVEN, LORA_R, RANDOM, Workload, has_bf16_cpu, serve, users_threading_environment
 
 SEQ_LENGTHS = (128, 512, 1024, 2048)
 TARGETS = {"train": 1.2, "decode": 2.0}       # tokens/s ratio vs the peer at least
@@ -132,13 +133,14 @@ def peer_available(side: str = "peft") -> str | None:
 
 @contextlib.contextmanager
 def peer_environment():
-    """os.environ as the user had it while a peer's process starts (workers.users_omp_wait_policy)."""
-    ours = users_omp_wait_policy()
+    """os.environ as the user had it while a peer's process starts (workers.users_threading_environment)."""
+    ours = users_threading_environment()
     try:
         yield
     finally:
-        if ours is not None:
-            os.environ["OMP_WAIT_POLICY"] = ours
+        for name in THREADING_BEFORE:
+            os.environ.pop(name, None)
+        os.environ.update(ours)
 
 
 NATIVE_BLAS_UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -261,11 +263,11 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    from ..kernels import OMP_WAIT_POLICY_BEFORE
-    env = {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("OPENBLAS", "OMP_", "MKL_"))}
-    env.pop("OMP_WAIT_POLICY", None)             # as the user had it, not as tinylora's kernels set it
-    if OMP_WAIT_POLICY_BEFORE is not None:
-        env["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY_BEFORE
+    env = {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("OPENBLAS", "OMP_", "GOMP_", "MKL_"))}
+    for name, value in THREADING_BEFORE.items():  # as the user had them, not as tinylora's kernels set them
+        env.pop(name, None)
+        if value is not None:
+            env[name] = value
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "blas": blas_info(),
             "env": env}
 

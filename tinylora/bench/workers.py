@@ -265,14 +265,14 @@ RUNNERS = {"tinylora": _tinylora_runner, "peft": _peft_runner, "llama.cpp": _lla
            "peft-bf16": lambda w, d: _peft_runner(w, d, autocast=True)}
 
 
-def users_omp_wait_policy() -> str | None:
-    """Put back the OMP_WAIT_POLICY this process had before tinylora's kernels set theirs (PASSIVE,
-    kernels/__init__.py); -> the value it had until now. A peer must run as its users run it: with
-    PASSIVE, PyTorch trains 15-30 % slower and llama.cpp decodes ~3x slower on these machines."""
-    from ..kernels import OMP_WAIT_POLICY_BEFORE
-    now = os.environ.pop("OMP_WAIT_POLICY", None)
-    if OMP_WAIT_POLICY_BEFORE is not None:
-        os.environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY_BEFORE
+def users_threading_environment() -> dict:
+    """Put back the OMP_WAIT_POLICY and GOMP_SPINCOUNT this process had before tinylora's kernels set
+    theirs (kernels/__init__.py); -> the values they had until now (absent ones left out). A peer must
+    run as its users run it: with PASSIVE, PyTorch trains 15-30 % slower and llama.cpp decodes ~3x
+    slower on these machines."""
+    from ..kernels import THREADING_BEFORE
+    now = {name: os.environ.pop(name) for name in THREADING_BEFORE if name in os.environ}
+    os.environ.update({name: value for name, value in THREADING_BEFORE.items() if value is not None})
     return now
 
 
@@ -297,14 +297,15 @@ def library_versions(side: str) -> str:
 
 
 def threading_environment() -> dict:
-    """The variables a library's threads and BLAS read (OMP_*, OPENBLAS_*, MKL_*, NUMBA_*), as this process has them."""
-    return {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "OPENBLAS_", "MKL_", "NUMBA_"))}
+    """The variables a library's threads and BLAS read (OMP_*, GOMP_*, OPENBLAS_*, MKL_*, NUMBA_*), as this
+    process has them."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "OPENBLAS_", "MKL_", "NUMBA_"))}
 
 
 def report_peer_environment(conn) -> None:
     """Spawned-process entry point for the bench's environment test: a peer's process as serve
-    prepares it (the user's OMP_WAIT_POLICY back), reporting threading_environment()."""
-    users_omp_wait_policy()
+    prepares it (the user's OMP_WAIT_POLICY and GOMP_SPINCOUNT back), reporting threading_environment()."""
+    users_threading_environment()
     conn.send(threading_environment())
 
 
@@ -312,9 +313,9 @@ def serve(side: str, workload: Workload, model_dir: str | None, conn) -> None:
     """Spawned-process entry point: build, warm up, then time repetitions on request (see the module docstring)."""
     from ..generate import peak_memory_gb
     if not side.startswith("tinylora"):
-        # Unpickling this function imported tinylora here too, and with it the kernels' OMP_WAIT_POLICY;
-        # the user's value comes back before the peer's library starts its OpenMP threads.
-        users_omp_wait_policy()
+        # Unpickling this function imported tinylora here too, and with it the kernels' OpenMP settings;
+        # the user's values come back before the peer's library starts its OpenMP threads.
+        users_threading_environment()
     try:
         run = RUNNERS[side](workload, model_dir)
         run()                                                     # warm-up

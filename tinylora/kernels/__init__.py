@@ -9,15 +9,31 @@ hint in kernels/ggml_gemv.py).
 
 import os
 
-# Numba's parallel kernels run on OpenMP threads, which by default busy-wait
-# for a while after each kernel; on 2 cores they then fight OpenBLAS' threads
-# for the CPU and the next BLAS call (or the next kernel after one) can run 50x
-# slower (measured in kernels/matmul.py). Passive waiting avoids that. It must
-# be set before the first parallel kernel starts the thread pool, so it is set
-# here, when the kernels are imported; a value the user set wins.
-# The value before, for programs this process starts that are not tinylora (the bench's peers).
-OMP_WAIT_POLICY_BEFORE = os.environ.get("OMP_WAIT_POLICY")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Numba's parallel kernels run on OpenMP threads (GNU libgomp), which by default
+# busy-wait ~300000 spins after each kernel; on 2 cores they then fight
+# OpenBLAS' threads for the CPU and the next BLAS call (or the next kernel
+# after one) can run 50x slower (measured in kernels/matmul.py). Passive
+# waiting avoids that, but then every parallel kernel pays for waking the
+# pool: 14 us on a Zen 2 VM, 72-79 us on a Xeon VM (a prange(2) doing
+# nothing), against ~2 us for threads still spinning. Decoding runs ~210
+# parallel products a token, so a short spin first (GOMP_SPINCOUNT, libgomp's
+# count of pause loops before it sleeps; it overrides PASSIVE's 0) keeps the
+# pool awake between them. Measured on the Xeon, interleaved runs (tok/s):
+#
+#     spin count               0 (PASSIVE)   300    1000   3000   10000
+#     decode Q8_0 SmolLM2        36-37        39-41  61-68  74-82  90
+#     train bf16 base 2x128      229-233      223-235 218-230 224-238 227
+#     train, bf16 compute        134-140      129-134 129-134 125-127 112
+#
+# so 3000: decoding 2.1x, float32-compute training unchanged within noise
+# (NF4, Q4_K_M, float32 bases: within 0-8 %), bf16 compute ~7 % slower.
+# Both must be set before the first parallel kernel starts the pool, so they
+# are set here, when the kernels are imported; a value the user set wins.
+THREADING_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000"}
+# The values before (None: unset), for programs this process starts that are not tinylora (the bench's peers).
+THREADING_BEFORE = {name: os.environ.get(name) for name in THREADING_DEFAULTS}
+for _name, _value in THREADING_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 import types
 
@@ -33,8 +49,8 @@ PARALLEL_MIN = 1 << 16
 def parallel_when_large(min_size: int, fastmath=False):
     """Compile a kernel twice, with and without `parallel=True`; each call picks by size.
 
-    A parallel kernel wakes Numba's worker threads, which wait passively (see
-    above), and a wake-up costs tens of microseconds here: more than a whole
+    A parallel kernel wakes Numba's worker threads, which spin briefly and then
+    sleep (see above), and waking them costs tens of microseconds here: more than a whole
     RMSNorm of one decoded token takes on one core. So a call whose largest
     array has fewer than `min_size` elements runs the serial compilation (a
     `prange` there is a plain `range`) and only large work pays for threads.
