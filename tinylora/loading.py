@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .errors import TinyloraError
 from .formats.bnb import assemble_nf4, checkpoint_quantization
 from .formats.files import read_json
-from .formats.gguf import GGUF_IN_FOLDER, read_gguf
+from .formats.gguf import GGUF_IN_FOLDER, read_gguf, read_gguf_metadata
 from .formats.hub import resolve_model
 from .formats.safetensors import BFLOAT16, load_checkpoint
 from .kernels import quantized
@@ -144,6 +144,18 @@ def _load_gguf(path: Path, dtype: str, quantize: str | None = None) -> tuple[Cau
     templates = Tokenizer.config_templates(tokenizer_config)
     eos = [config["eos_token_id"]] if "eos_token_id" in config else []    # an int, as build_config writes it
     return model, Tokenizer.from_parts(backend, tokenizer_config, templates, eos, str(path))
+
+
+def read_config(name_or_path: str | Path, weights_dir: str | Path = "weights") -> tuple[ModelConfig, Path]:
+    """-> (the model's ModelConfig, the file or folder it came from), reading no weight: a .gguf file's
+    metadata, or a folder's (or hub repo id's) config.json."""
+    if _is_gguf(name_or_path):
+        path = Path(name_or_path)
+        return ModelConfig.from_dict(read_gguf_metadata(path)[2], source=str(path)), path
+    folder = resolve_model(name_or_path, weights_dir)
+    if (folder / GGUF_IN_FOLDER).is_file() and not (folder / "config.json").is_file():
+        return read_config(folder / GGUF_IN_FOLDER)
+    return ModelConfig.from_json(folder / "config.json"), folder
 
 
 def load(name_or_path: str | Path, dtype: str = "float32", weights_dir: str | Path = "weights",

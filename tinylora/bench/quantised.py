@@ -59,13 +59,19 @@ def llama_cpp_quantize(source: Path, out: Path, kind: str) -> Path:
     except ImportError:
         raise TinyloraError(f"writing {out.name} needs llama.cpp's quantiser: pip install llama-cpp-python") from None
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}", None) or getattr(llama_cpp, f"LLAMA_FTYPE_ALL_{kind}")
     params.allow_requantize = True
-    quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)   # its log is hundreds of lines
+    # Its log is hundreds of lines: silenced while it quantises, then llama-cpp-python's own logger is put
+    # back. (llama.cpp keeps the callback's address: a callback freed while set crashes the next log line.)
+    from llama_cpp._logger import llama_log_callback as theirs
+    quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
     llama_cpp.llama_log_set(quiet, ctypes.c_void_p(0))
     tmp = out.with_suffix(".partial")
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)):
-        raise TinyloraError(f"llama.cpp could not write {out}")
+    try:
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)):
+            raise TinyloraError(f"llama.cpp could not write {out}")
+    finally:
+        llama_cpp.llama_log_set(theirs, ctypes.c_void_p(0))
     tmp.replace(out)
     return out
 

@@ -214,22 +214,7 @@ def _llama_cpp_runner(workload: Workload, model_dir: str | None):
     import llama_cpp.llama_cpp as low_level
     if workload.kind != "decode" or not workload.base or workload.base == "nf4":
         raise ValueError("llama.cpp is a peer for decoding a GGUF file only")
-    # On CPUs with AMX, ggml (llama-cpp-python 0.3.36) repacks weights for its AMX kernel, which
-    # crashes with SIGSEGV in ggml_backend_amx_mul_mat on these machines; llama.cpp's own switch for
-    # that, use_extra_bufts, is not an argument of Llama(), so its default is changed while Llama()
-    # builds its parameters (this process only), and library_versions says so.
-    default = low_level.llama_model_default_params
-
-    def without_repacking():
-        params = default()
-        params.use_extra_bufts = not _has_amx()
-        return params
-    low_level.llama_model_default_params = without_repacking
-    try:
-        llm = llama_cpp.Llama(str(gguf_path(model_dir, workload.base)), n_ctx=256, n_threads=os.cpu_count(),
-                              verbose=False)
-    finally:
-        low_level.llama_model_default_params = default
+    llm = llama_cpp_model(gguf_path(model_dir, workload.base), n_ctx=256, n_threads=os.cpu_count())
     prompt = [int(t) for t in _batch(workload, llm.n_vocab())[0]]
 
     def decode() -> int:
@@ -241,6 +226,28 @@ def _llama_cpp_runner(workload: Workload, model_dir: str | None):
                 break
         return n
     return decode
+
+
+def llama_cpp_model(path, **kwargs):
+    """llama_cpp.Llama(path, verbose=False, **kwargs), safe on a CPU with AMX.
+
+    There ggml (llama-cpp-python 0.3.36) repacks weights for its AMX kernel, which crashes with
+    SIGSEGV in ggml_backend_amx_mul_mat on these machines; llama.cpp's own switch for that,
+    use_extra_bufts, is not an argument of Llama(), so its default is changed while Llama() builds
+    its parameters (this process only), and library_versions says so."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low_level
+    default = low_level.llama_model_default_params
+
+    def without_repacking():
+        params = default()
+        params.use_extra_bufts = not _has_amx()
+        return params
+    low_level.llama_model_default_params = without_repacking
+    try:
+        return llama_cpp.Llama(str(path), verbose=False, **kwargs)
+    finally:
+        low_level.llama_model_default_params = default
 
 
 def _cpu_flag(flag: str) -> bool:

@@ -6,7 +6,7 @@ one line on stderr with exit status 2; anything else is a bug in tinylora,
 printed as one line with exit status 1; `--debug` shows the traceback instead
 of either. Ctrl-C exits with 130 and a one-line note.
 
-Subcommands: `demo`, `train`, `generate`, `fuse`, `info`, `download`,
+Subcommands: `demo`, `train`, `generate`, `fuse`, `export`, `info`, `download`,
 `import-gguf`, `gradcheck`, `bench`.
 """
 
@@ -78,6 +78,21 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     from ..lora import fuse
     out = fuse(args.model, args.adapter_path, args.save_path, dtype=args.dtype, quantize=args.quantize)
     print(f"fused model written to {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ..lora.to_gguf import export_gguf
+    from ..loading import read_config
+    from ..lora.peft import CONFIG_FILE
+    from ..formats.files import read_json
+    out = export_gguf(args.adapter_path, args.out, base=args.model, outtype=args.outtype, overwrite=args.force)
+    base = args.model or read_json(f"{args.adapter_path}/{CONFIG_FILE}").get("base_model_name_or_path")
+    base_gguf = base if str(base).endswith(".gguf") else "<the base model as a GGUF file>"
+    arch = read_config(base)[0].architecture
+    print(f"GGUF LoRA adapter ({arch}, {args.outtype}) written to {out}")
+    print(f"llama.cpp:  llama-cli -m {base_gguf} --lora {out}")
+    print(f"Ollama Modelfile:\n  FROM {base_gguf}\n  ADAPTER {out}")
     return 0
 
 
@@ -270,6 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantise the base as training did (--quantize of train): the adapter is merged onto "
                    "the dequantised weights")
     p.set_defaults(func=_cmd_fuse)
+
+    p = sub.add_parser("export", help="write a LoRA adapter for llama.cpp and Ollama (a GGUF adapter file)",
+                       description="Convert a PEFT-format adapter into the GGUF adapter file llama.cpp's "
+                       "convert_lora_to_gguf.py writes (for llama-cli --lora, llama-cpp-python's lora_path, "
+                       "Ollama's ADAPTER), and print the lines that use it. Only the base's config is read.")
+    p.add_argument("--to", choices=["gguf"], required=True, help="the format to write: gguf (llama.cpp, Ollama)")
+    p.add_argument("--adapter-path", required=True, help="the LoRA adapter folder (PEFT format)")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--model", default=None, help="the base model (folder, hub repo id or .gguf) the adapter was "
+                   "trained on (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32",
+                   help="the tensors' type, as convert_lora_to_gguf.py's --outtype")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("gradcheck", help="check every op's backward, and LoRA end to end, against finite differences",
                        description="Check every op's analytic backward, and then every LoRA A and B of a tiny "

@@ -86,6 +86,13 @@ def hf_name(gguf_name: str, arch: str) -> str | None:
     return None
 
 
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation (convert_hf_to_gguf.py's LlamaModel.permute): w (n_head * D, ...) in
+    HF row order -> interleaved, for writing a GGUF file. unpermute(permute(w, n), n) == w."""
+    out = w.shape[0]
+    return w.reshape(n_head, 2, out // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation: w (n_head * D, in) -> same shape, HF row order.
 

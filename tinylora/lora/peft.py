@@ -40,6 +40,7 @@ from ..errors import TinyloraError
 from ..formats.files import atomic_write, read_json
 from ..formats.safetensors import check_tensors, is_float, read_metadata, read_safetensors, write_safetensors
 from .config import PEFT_PREFIX, TARGETS, LoraConfig
+from ..model import expected_shapes as model_shapes
 from .inject import apply_lora, lora_layers, lora_parameters
 
 CONFIG_FILE = "adapter_config.json"
@@ -152,19 +153,10 @@ def load_adapter(model, folder: str | os.PathLike):
     an error it is exactly as it was.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise TinyloraError(f"{folder}: adapter folder not found")
     if lora_layers(model):
         raise TinyloraError("the model already has LoRA layers; load the adapter into a freshly loaded model")
-    config = read_adapter_config(folder / CONFIG_FILE, n_layers=len(model.model.layers))
+    config, tensors = read_adapter(folder, model.config)
     weights_path = folder / WEIGHTS_FILE
-    if not weights_path.exists():
-        pickled = " (adapter_model.bin is a pickle and is never loaded: save it as safetensors)" \
-            if (folder / "adapter_model.bin").exists() else ""
-        raise TinyloraError(f"{weights_path}: file not found{pickled}")
-    tensors = _check_tensors(weights_path, read_safetensors(weights_path), expected_shapes(model, config),
-                             n_layers=len(model.model.layers))
-
     trained_on, here = read_metadata(weights_path).get(BASE_KEY), base_weights(model)
     if trained_on and quantised_kinds(trained_on) != quantised_kinds(here):
         warnings.warn(f"{folder}: the adapter was trained on a base held as {trained_on}; this base is "
@@ -279,15 +271,37 @@ def _as_rectangle(targets: list[str], layers: list[int] | None, n_layers: int, r
 
 def expected_shapes(model, config: LoraConfig) -> dict[str, tuple[int, int]]:
     """The PEFT key and shape of every A (R, in) and B (out, R) that `config` puts into `model`."""
-    n_layers = len(model.model.layers)
+    return adapter_shapes(model.config, config)
+
+
+def adapter_shapes(model_config, config: LoraConfig) -> dict[str, tuple[int, int]]:
+    """As expected_shapes, from the base's ModelConfig alone (no weights needed)."""
+    weights = model_shapes(model_config)
     shapes = {}
-    for i in range(n_layers) if config.layers is None else config.layers:
+    for i in range(model_config.num_hidden_layers) if config.layers is None else config.layers:
         for name in config.targets:
-            base = getattr(getattr(model.model.layers[i], TARGETS[name]), name)
-            key = f"{PEFT_PREFIX}model.layers.{i}.{TARGETS[name]}.{name}"
-            shapes[f"{key}.lora_A.weight"] = (config.r, base.in_features)
-            shapes[f"{key}.lora_B.weight"] = (base.out_features, config.r)
+            path = f"model.layers.{i}.{TARGETS[name]}.{name}"
+            out_features, in_features = weights[f"{path}.weight"]
+            shapes[f"{PEFT_PREFIX}{path}.lora_A.weight"] = (config.r, in_features)
+            shapes[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (out_features, config.r)
     return shapes
+
+
+def read_adapter(folder: str | os.PathLike, model_config) -> tuple[LoraConfig, dict[str, np.ndarray]]:
+    """An adapter folder -> (its LoraConfig, its A and B under PEFT's keys), checked against a base of
+    `model_config` as load_adapter checks them (one line naming the field or tensor), nothing injected."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TinyloraError(f"{folder}: adapter folder not found")
+    config = read_adapter_config(folder / CONFIG_FILE, n_layers=model_config.num_hidden_layers)
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.exists():
+        pickled = " (adapter_model.bin is a pickle and is never loaded: save it as safetensors)" \
+            if (folder / "adapter_model.bin").exists() else ""
+        raise TinyloraError(f"{weights_path}: file not found{pickled}")
+    tensors = _check_tensors(weights_path, read_safetensors(weights_path), adapter_shapes(model_config, config),
+                             n_layers=model_config.num_hidden_layers)
+    return config, tensors
 
 
 def _check_tensors(path: Path, tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, int]],
