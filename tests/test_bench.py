@@ -134,15 +134,13 @@ def test_a_peers_process_sees_the_users_environment_not_tinyloras(monkeypatch):
         process.join(60)
 
 
-def test_native_blas_unsets_the_openblas_overrides_for_tinyloras_workers_only(monkeypatch):
-    import os
-    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
-    monkeypatch.setenv("OPENBLAS_L2_SIZE", "1048576")
-    with bench.tinylora_environment(native_blas=True):
-        assert "OPENBLAS_CORETYPE" not in os.environ and "OPENBLAS_L2_SIZE" not in os.environ
-    assert os.environ["OPENBLAS_CORETYPE"] == "Haswell" and os.environ["OPENBLAS_L2_SIZE"] == "1048576"
-    with bench.tinylora_environment(native_blas=False):
-        assert os.environ["OPENBLAS_CORETYPE"] == "Haswell"
+def test_native_blas_unsets_the_openblas_overrides_for_tinyloras_workers_only():
+    environ = {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "1048576"}    # a copy: the real one untouched
+    with bench.tinylora_environment(native_blas=True, environ=environ):
+        assert "OPENBLAS_CORETYPE" not in environ and "OPENBLAS_L2_SIZE" not in environ
+    assert environ["OPENBLAS_CORETYPE"] == "Haswell" and environ["OPENBLAS_L2_SIZE"] == "1048576"
+    with bench.tinylora_environment(native_blas=False, environ=environ):
+        assert environ["OPENBLAS_CORETYPE"] == "Haswell"
 
 
 def test_a_worker_reports_its_own_peak_memory_not_its_parents():

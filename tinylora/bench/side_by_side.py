@@ -147,13 +147,13 @@ NATIVE_BLAS_UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 @contextlib.contextmanager
-def tinylora_environment(native_blas: bool):
-    """os.environ while a tinylora worker starts: as it is, or (native_blas) without NATIVE_BLAS_UNSET."""
-    saved = {k: os.environ.pop(k) for k in NATIVE_BLAS_UNSET if native_blas and k in os.environ}
+def tinylora_environment(native_blas: bool, environ=os.environ):
+    """environ (os.environ) while a tinylora worker starts: as it is, or (native_blas) without NATIVE_BLAS_UNSET."""
+    saved = {k: environ.pop(k) for k in NATIVE_BLAS_UNSET if native_blas and k in environ}
     try:
         yield
     finally:
-        os.environ.update(saved)
+        environ.update(saved)
 
 
 class _Worker:

@@ -210,8 +210,6 @@ def _peft_runner(workload: Workload, model_dir: str | None, nf4: bool = False, a
 
 def _llama_cpp_runner(workload: Workload, model_dir: str | None):
     """llama.cpp decoding the same GGUF file, greedy, all cores (llama-cpp-python's default is half)."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as low_level
     if workload.kind != "decode" or not workload.base or workload.base == "nf4":
         raise ValueError("llama.cpp is a peer for decoding a GGUF file only")
     llm = llama_cpp_model(gguf_path(model_dir, workload.base), n_ctx=256, n_threads=os.cpu_count())

@@ -82,15 +82,11 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ..lora.to_gguf import export_gguf
-    from ..loading import read_config
-    from ..lora.peft import CONFIG_FILE
-    from ..formats.files import read_json
+    from ..lora.to_gguf import adapter_base, export_gguf
     out = export_gguf(args.adapter_path, args.out, base=args.model, outtype=args.outtype, overwrite=args.force)
-    base = args.model or read_json(f"{args.adapter_path}/{CONFIG_FILE}").get("base_model_name_or_path")
-    base_gguf = base if str(base).endswith(".gguf") else "<the base model as a GGUF file>"
-    arch = read_config(base)[0].architecture
-    print(f"GGUF LoRA adapter ({arch}, {args.outtype}) written to {out}")
+    base = str(adapter_base(args.adapter_path, args.model))
+    base_gguf = base if base.endswith(".gguf") else "<the base model as a GGUF file>"
+    print(f"GGUF LoRA adapter ({args.outtype}) written to {out}")
     print(f"llama.cpp:  llama-cli -m {base_gguf} --lora {out}")
     print(f"Ollama Modelfile:\n  FROM {base_gguf}\n  ADAPTER {out}")
     return 0

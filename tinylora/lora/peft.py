@@ -39,8 +39,8 @@ import numpy as np
 from ..errors import TinyloraError
 from ..formats.files import atomic_write, read_json
 from ..formats.safetensors import check_tensors, is_float, read_metadata, read_safetensors, write_safetensors
-from .config import PEFT_PREFIX, TARGETS, LoraConfig
 from ..model import expected_shapes as model_shapes
+from .config import PEFT_PREFIX, TARGETS, LoraConfig
 from .inject import apply_lora, lora_layers, lora_parameters
 
 CONFIG_FILE = "adapter_config.json"

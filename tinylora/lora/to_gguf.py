@@ -48,11 +48,11 @@ import gguf
 import numpy as np
 
 from ..errors import TinyloraError
-from ..formats.files import atomic_path
+from ..formats.files import atomic_path, read_json
 from ..formats.gguf import LAYER_NAMES, permute
 from ..loading import read_config
 from .config import PEFT_PREFIX
-from .peft import read_adapter
+from .peft import CONFIG_FILE, read_adapter
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -97,7 +97,7 @@ def export_gguf(adapter_path: str | os.PathLike, out: str | os.PathLike, base: s
         raise TinyloraError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     if out.exists() and not overwrite:
         raise TinyloraError(f"{out}: exists; pass --force to replace it")
-    base = base if base is not None else _adapter_base(adapter_path)
+    base = adapter_base(adapter_path, base)
     model_config, base_path = read_config(base, weights_dir)
     config, tensors = read_adapter(adapter_path, model_config)
 
@@ -111,7 +111,6 @@ def export_gguf(adapter_path: str | os.PathLike, out: str | os.PathLike, base: s
         writer.add_tensor(name, data, raw_dtype=kind)
     _add_metadata(writer, adapter_path, base_path, gguf_alpha(config))
     with atomic_path(out) as tmp:
-        writer.path = tmp
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -135,12 +134,13 @@ def _add_metadata(writer, adapter_path: Path, base_path: Path, alpha: float) -> 
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _adapter_base(adapter_path: Path) -> str:
-    from ..formats.files import read_json
-    from .peft import CONFIG_FILE
-    named = read_json(adapter_path / CONFIG_FILE).get("base_model_name_or_path") \
-        if (adapter_path / CONFIG_FILE).is_file() else None
+def adapter_base(adapter_path: str | os.PathLike, base=None):
+    """The base an adapter is for: `base` if given, else its adapter_config.json's base_model_name_or_path."""
+    if base is not None:
+        return base
+    config = Path(adapter_path) / CONFIG_FILE
+    named = read_json(config).get("base_model_name_or_path") if config.is_file() else None
     if not named:
-        raise TinyloraError(f"{adapter_path / CONFIG_FILE}: base_model_name_or_path is not set; "
+        raise TinyloraError(f"{config}: base_model_name_or_path is not set; "
                             "pass --model with the base the adapter was trained on")
     return named
