@@ -83,8 +83,14 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..lora.to_gguf import adapter_base, export_gguf
-    out = export_gguf(args.adapter_path, args.out, base=args.model, outtype=args.outtype, overwrite=args.force)
     base = str(adapter_base(args.adapter_path, args.model))
+    if args.to == "mlx":
+        from ..lora.to_mlx import export_mlx
+        out = export_mlx(args.adapter_path, args.out, base=args.model, overwrite=args.force)
+        print(f"mlx-lm adapter written to {out}/")
+        print(f"mlx-lm:  mlx_lm.generate --model {base} --adapter-path {out} --prompt \"...\"")
+        return 0
+    out = export_gguf(args.adapter_path, args.out, base=args.model, outtype=args.outtype, overwrite=args.force)
     base_gguf = base if base.endswith(".gguf") else "<the base model as a GGUF file>"
     print(f"GGUF LoRA adapter ({args.outtype}) written to {out}")
     print(f"llama.cpp:  llama-cli -m {base_gguf} --lora {out}")
@@ -216,7 +222,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     """The flags every command that loads a model shares (`train` takes its own from TrainConfig)."""
     shared = {f.name: f for f in fields(TrainConfig)}
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{shared['model'].metadata['help']} (default {DEFAULT_MODEL})")
-    p.add_argument("--adapter-path", default=None, help="a LoRA adapter folder (PEFT format) to apply")
+    p.add_argument("--adapter-path", default=None, help="a LoRA adapter folder to apply (PEFT's format, or mlx-lm's)")
     p.add_argument("--dtype", default=shared["dtype"].default, **shared["dtype"].metadata)
     p.add_argument("--quantize", default=None, **shared["quantize"].metadata)
 
@@ -273,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "model.safetensors, tokenizer files) that transformers and tinylora load without the "
                        "adapter.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or hub repo id (default {DEFAULT_MODEL})")
-    p.add_argument("--adapter-path", required=True, help="the LoRA adapter folder (PEFT format)")
+    p.add_argument("--adapter-path", required=True, help="the LoRA adapter folder (PEFT's format, or mlx-lm's)")
     p.add_argument("--save-path", required=True, help="the folder to write (must not be the model's own folder)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="dtype of the saved weights: fp32 (exact) or bf16 (half the size)")
@@ -282,17 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "the dequantised weights")
     p.set_defaults(func=_cmd_fuse)
 
-    p = sub.add_parser("export", help="write a LoRA adapter for llama.cpp and Ollama (a GGUF adapter file)",
-                       description="Convert a PEFT-format adapter into the GGUF adapter file llama.cpp's "
-                       "convert_lora_to_gguf.py writes (for llama-cli --lora, llama-cpp-python's lora_path, "
-                       "Ollama's ADAPTER), and print the lines that use it. Only the base's config is read.")
-    p.add_argument("--to", choices=["gguf"], required=True, help="the format to write: gguf (llama.cpp, Ollama)")
-    p.add_argument("--adapter-path", required=True, help="the LoRA adapter folder (PEFT format)")
-    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p = sub.add_parser("export", help="write a LoRA adapter for llama.cpp and Ollama (GGUF) or mlx-lm",
+                       description="Convert an adapter (PEFT's format, or mlx-lm's) into the GGUF adapter file "
+                       "llama.cpp's convert_lora_to_gguf.py writes (for llama-cli --lora, llama-cpp-python's "
+                       "lora_path, Ollama's ADAPTER), or into the adapter folder mlx_lm.lora writes (for "
+                       "mlx_lm.generate --adapter-path), and print the lines that use it. Only the base's "
+                       "config is read.")
+    p.add_argument("--to", choices=["gguf", "mlx"], required=True,
+                   help="the format to write: gguf (llama.cpp, Ollama) or mlx (mlx-lm)")
+    p.add_argument("--adapter-path", required=True, help="the LoRA adapter folder (PEFT's or mlx-lm's)")
+    p.add_argument("--out", required=True, help="the .gguf file (--to gguf) or the folder (--to mlx) to write")
     p.add_argument("--model", default=None, help="the base model (folder, hub repo id or .gguf) the adapter was "
                    "trained on (default: the adapter's base_model_name_or_path)")
     p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32",
-                   help="the tensors' type, as convert_lora_to_gguf.py's --outtype")
+                   help="the tensors' type, as convert_lora_to_gguf.py's --outtype (--to gguf; mlx-lm's "
+                   "adapters are float32)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_export)
 

@@ -187,3 +187,12 @@ def check_tensors(source, found: dict, expected: dict, what: str = "tensor",
         if shape is not None and tuple(found[name].shape) != tuple(shape):
             raise TinyloraError(f"{source}: {what} {name} has shape {tuple(found[name].shape)}, "
                                 f"expected {tuple(shape)}")
+
+
+def check_floats(source, tensors: dict[str, np.ndarray]) -> None:
+    """Every tensor floating-point (bfloat16 included) and finite, or one line naming the first that is not."""
+    for key, array in tensors.items():
+        if not is_float(array.dtype):
+            raise TinyloraError(f"{source}: {key} has dtype {array.dtype}, expected a floating-point type")
+        if not np.isfinite(array).all():
+            raise TinyloraError(f"{source}: {key} holds NaN or inf values")

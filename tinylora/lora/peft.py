@@ -22,6 +22,10 @@ with one line naming the field. Then every tensor the config implies must be
 in the file with its exact shape, and nothing else may be; only then is LoRA
 injected and A and B copied in. A failed load leaves the model as it was.
 
+An mlx-lm adapter folder (adapters.safetensors) is read too, wherever an
+adapter is: read_adapter hands it to lora/mlx.py, which converts it to these
+keys and this orientation.
+
 What is not here: the LoRA layer and its math (lora/inject.py, ops/lora.py), merging
 (lora/inject.py), the fused full-model export (lora/fused.py), adapters on the hub (pass
 a local folder), pickled `adapter_model.bin` files (never unpickled).
@@ -38,10 +42,11 @@ import numpy as np
 
 from ..errors import TinyloraError
 from ..formats.files import atomic_write, read_json
-from ..formats.safetensors import check_tensors, is_float, read_metadata, read_safetensors, write_safetensors
+from ..formats.safetensors import check_floats, check_tensors, read_metadata, read_safetensors, write_safetensors
 from ..model import expected_shapes as model_shapes
 from .config import PEFT_PREFIX, TARGETS, LoraConfig
 from .inject import apply_lora, lora_layers, lora_parameters
+from .mlx import is_mlx_adapter, read_mlx_adapter
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -146,8 +151,9 @@ def adapter_config_dict(config: LoraConfig, base_model_name_or_path: str | None 
 # Loading
 # --------------------------------------------------------------------------
 
-def load_adapter(model, folder: str | os.PathLike):
-    """Inject LoRA into `model` as folder/adapter_config.json says, with A and B from the safetensors file.
+def load_adapter(model, folder: str | os.PathLike, seed: int = 0):
+    """Inject LoRA into `model` as folder/adapter_config.json says, with A and B from the safetensors file
+    (PEFT's folder, or mlx-lm's). seed: of the dropout masks, if training goes on from here.
 
     Returns the model. Everything is checked before the model is touched: on
     an error it is exactly as it was.
@@ -157,11 +163,12 @@ def load_adapter(model, folder: str | os.PathLike):
         raise TinyloraError("the model already has LoRA layers; load the adapter into a freshly loaded model")
     config, tensors = read_adapter(folder, model.config)
     weights_path = folder / WEIGHTS_FILE
-    trained_on, here = read_metadata(weights_path).get(BASE_KEY), base_weights(model)
+    trained_on = read_metadata(weights_path).get(BASE_KEY) if weights_path.is_file() else None   # not in mlx-lm's
+    here = base_weights(model)
     if trained_on and quantised_kinds(trained_on) != quantised_kinds(here):
         warnings.warn(f"{folder}: the adapter was trained on a base held as {trained_on}; this base is "
                       f"{here}, so its outputs will differ somewhat from the trained model's", stacklevel=2)
-    apply_lora(model, config)
+    apply_lora(model, config, seed=seed)
     for name, param in lora_parameters(model):
         param.data = np.ascontiguousarray(tensors[name], dtype=model.dtype)
     model.train(False)       # ready for inference, as PEFT's from_pretrained; call train() to fine-tune further
@@ -288,11 +295,14 @@ def adapter_shapes(model_config, config: LoraConfig) -> dict[str, tuple[int, int
 
 
 def read_adapter(folder: str | os.PathLike, model_config) -> tuple[LoraConfig, dict[str, np.ndarray]]:
-    """An adapter folder -> (its LoraConfig, its A and B under PEFT's keys), checked against a base of
-    `model_config` as load_adapter checks them (one line naming the field or tensor), nothing injected."""
+    """An adapter folder, PEFT's or mlx-lm's -> (its LoraConfig, its A and B under PEFT's keys), checked
+    against a base of `model_config` as load_adapter checks them (one line naming the field or tensor),
+    nothing injected."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TinyloraError(f"{folder}: adapter folder not found")
+    if is_mlx_adapter(folder):
+        return read_mlx_adapter(folder, model_config)         # mlx-lm's files, converted (lora/mlx.py)
     config = read_adapter_config(folder / CONFIG_FILE, n_layers=model_config.num_hidden_layers)
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.exists():
@@ -316,11 +326,7 @@ def _check_tensors(path: Path, tensors: dict[str, np.ndarray], expected: dict[st
         found[plain] = array
     check_tensors(path, found, expected, why_unexpected=lambda key: _why_unexpected(key, n_layers),
                   missing_hint=f", which {CONFIG_FILE} implies")
-    for key, array in found.items():
-        if not is_float(array.dtype):
-            raise TinyloraError(f"{path}: {key} has dtype {array.dtype}, expected a floating-point type")
-        if not np.isfinite(array).all():
-            raise TinyloraError(f"{path}: {key} holds NaN or inf values")
+    check_floats(path, found)
     return found
 
 

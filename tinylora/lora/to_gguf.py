@@ -52,6 +52,7 @@ from ..formats.files import atomic_path, read_json
 from ..formats.gguf import LAYER_NAMES, permute
 from ..loading import read_config
 from .config import PEFT_PREFIX
+from .mlx import is_mlx_adapter
 from .peft import CONFIG_FILE, read_adapter
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -135,12 +136,13 @@ def _add_metadata(writer, adapter_path: Path, base_path: Path, alpha: float) -> 
 
 
 def adapter_base(adapter_path: str | os.PathLike, base=None):
-    """The base an adapter is for: `base` if given, else its adapter_config.json's base_model_name_or_path."""
+    """The base an adapter is for: `base` if given, else its adapter_config.json's base_model_name_or_path
+    (PEFT's field; mlx-lm's is "model")."""
     if base is not None:
         return base
     config = Path(adapter_path) / CONFIG_FILE
-    named = read_json(config).get("base_model_name_or_path") if config.is_file() else None
-    if not named:
-        raise TinyloraError(f"{config}: base_model_name_or_path is not set; "
-                            "pass --model with the base the adapter was trained on")
+    field = "model" if is_mlx_adapter(adapter_path) else "base_model_name_or_path"
+    named = read_json(config).get(field) if config.is_file() else None
+    if not named or not isinstance(named, str):
+        raise TinyloraError(f"{config}: {field} is not set; pass --model with the base the adapter was trained on")
     return named

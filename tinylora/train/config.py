@@ -68,6 +68,10 @@ class TrainConfig:
     val_batches: int = setting(25, "validation batches; -1 = all")
     save_every: int = setting(100, "checkpoint every N steps")
     resume: bool = setting(False, "continue exactly from ADAPTER_PATH/checkpoint")
+    resume_adapter_file: str | None = setting(None, "start from this adapter's A and B instead of a fresh LoRA "
+                                              "(a PEFT or mlx-lm adapter folder, or the weights file in one, as "
+                                              "mlx_lm.lora's flag); its rank, alpha, targets and layers replace "
+                                              "--rank, --alpha, --targets and --layers")
     early_stop: int | None = setting(None, "stop after N evaluations without a new best")
     test: bool = setting(False, "report test-set loss and perplexity at the end")
     seed: int = setting(0, "seed for LoRA init, dropout and batch order")
@@ -105,6 +109,8 @@ class TrainConfig:
             raise TinyloraError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.compute not in ("float32", "bfloat16"):
             raise TinyloraError(f"--compute must be float32 or bfloat16, got {self.compute!r}")
+        if self.resume and self.resume_adapter_file:
+            raise TinyloraError("give --resume (this run's own checkpoint) or --resume-adapter-file, not both")
         self.lora()                              # the rest of the LoRA settings, checked before any work
 
     def lora(self) -> LoraConfig:

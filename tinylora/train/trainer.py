@@ -62,6 +62,12 @@ def train(config: TrainConfig, model, tokenizer, progress: bool = True, log=prin
             log("that run had already finished; nothing to do")
             return TrainResult(steps=state["step"], best_val=state.get("best_val"),
                                stopped_early=state.get("stopped_early"))
+    elif config.resume_adapter_file:
+        folder = Path(config.resume_adapter_file)
+        load_adapter(model, folder.parent if folder.is_file() else folder, seed=config.seed)   # PEFT's or mlx-lm's
+        c = model.lora_config
+        log(f"starting from the adapter in {folder}: r {c.r}, scale {c.scale:g}, targets {', '.join(c.targets)}, "
+            f"layers {'all' if c.layers is None else c.layers}")
     else:
         apply_lora(model, config.lora(), seed=config.seed)
     start = state.get("step", 0)
