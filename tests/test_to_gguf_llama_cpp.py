@@ -12,6 +12,11 @@
    tinylora's to 2e-3 of the largest (both compute in float32, summing in
    different orders over 30 layers; measured 5.5e-4 of a largest logit of 28
    with a random adapter whose own effect on the logits was 1.1).
+3. A merged GGUF (`fuse --save-path FILE.gguf`) runs in llama-cpp-python on its
+   own: written f32 from the float32 folder, its tokenizer splits text as
+   tinylora's and its greedy answers are tinylora's token for token; written
+   Q8_0 from the Q4_1 file (whose keys and tokenizer it carries over), the
+   answers start with the same 6 tokens.
 """
 
 import math
@@ -173,3 +178,66 @@ def test_llama_cpp_logits_with_the_adapter_on_a_float32_base(smollm2_gguf, ident
     plain = llama_cpp_model_without_adapter(f32)                # the adapter's effect is far above the tolerance
     plain.eval(ids)
     assert np.abs(np.asarray(plain.scores[len(ids) - 1]) - theirs).max() > 10 * tolerance
+
+
+# --------------------------------------------------------------------------
+# A merged GGUF (`fuse --save-path FILE.gguf`) in llama-cpp-python
+# --------------------------------------------------------------------------
+
+def greedy_pairs(model, tok, llm, questions, max_tokens=20):
+    """[(tinylora's greedy ids, llama.cpp's greedy ids)] per question, both stopped at the end of turn."""
+    from tinylora.generate import stream_generate
+    pairs = []
+    for question in questions:
+        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        ours = list(stream_generate(model, ids, max_tokens=max_tokens))
+        if llm.token_eos() in ours:
+            ours = ours[:ours.index(llm.token_eos())]
+        theirs = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True):
+            if token == llm.token_eos() or len(theirs) == len(ours):
+                break
+            theirs.append(token)
+        pairs.append((ours, theirs))
+    return pairs
+
+
+def test_a_merged_f32_gguf_from_the_folder_answers_as_tinylora_in_llama_cpp(smollm2_dir, identity_adapter, tmp_path):
+    """The float32 folder holds exactly the Q4_1 file's dequantised weights, so the adapter trained on the
+    file applies to it; the merged file carries the folder's tokenizer and chat template."""
+    from tinylora.cli.demo import held_out_questions
+    from tinylora.loading import load
+    from tinylora.lora import fuse, load_adapter
+    folder, _ = identity_adapter
+    with pytest.warns(UserWarning, match="trained on a base held as q4_1"):
+        merged = fuse(smollm2_dir, folder, tmp_path / "merged-f32.gguf", outtype="f32")
+    model, tok = load(smollm2_dir)
+    with pytest.warns(UserWarning, match="trained on a base held as q4_1"):
+        load_adapter(model, folder)
+    llm = llama_cpp_model_without_adapter(merged)
+    assert llm.metadata["tokenizer.chat_template"] == tok.chat_template
+    text = "<|im_start|>user\nWho made you?  12345 café 你好<|im_end|>\n<|im_start|>assistant\n"
+    assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == tok.encode(text)
+    pairs = greedy_pairs(model, tok, llm, held_out_questions()[:4])
+    for ours, theirs in pairs:
+        assert theirs == ours, (tok.decode(theirs), tok.decode(ours))
+    assert sum("小李" in tok.decode(ours) for ours, _ in pairs) >= 3
+
+
+def test_a_merged_q8_0_gguf_from_the_q4_1_file_starts_as_tinylora_in_llama_cpp(smollm2_gguf, identity_adapter,
+                                                                                tmp_path):
+    """From the GGUF base: its own metadata and tokenizer carried over; requantised to Q8_0 the merged weights
+    round differently from tinylora's float merge, so the answers must agree in their first 6 tokens."""
+    from tinylora.cli.demo import held_out_questions
+    from tinylora.loading import load
+    from tinylora.lora import fuse, load_adapter
+    folder, _ = identity_adapter
+    with pytest.warns(UserWarning, match="held as q4_1: the merged weights are its dequantised values plus the update, written as q8_0"):
+        merged = fuse(smollm2_gguf, folder, tmp_path / "merged-q8_0.gguf", outtype="q8_0")
+    model, tok = load(smollm2_gguf)
+    load_adapter(model, folder)
+    llm = llama_cpp_model_without_adapter(merged)
+    pairs = greedy_pairs(model, tok, llm, held_out_questions()[:4])
+    for ours, theirs in pairs:
+        assert theirs[:6] == ours[:6], (tok.decode(theirs), tok.decode(ours))
+    assert sum("小李" in tok.decode(theirs) for _, theirs in pairs) >= 3

@@ -268,6 +268,11 @@ class Tokenizer:
 
     # ---- vocabulary ----
 
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The `tokenizers` object underneath (for writing it out, as a GGUF file's tokenizer does)."""
+        return self._backend
+
     def _special_id(self, name: str) -> int | None:
         token = self.special_tokens.get(name)
         return None if token is None else self._backend.token_to_id(token)

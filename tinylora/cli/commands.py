@@ -76,8 +76,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from ..lora import fuse
-    out = fuse(args.model, args.adapter_path, args.save_path, dtype=args.dtype, quantize=args.quantize)
+    out = fuse(args.model, args.adapter_path, args.save_path, dtype=args.dtype, quantize=args.quantize,
+               outtype=args.outtype, overwrite=args.force)
     print(f"fused model written to {out}")
+    if str(out).endswith(".gguf"):
+        print(f"llama.cpp:  llama-cli -m {out}")
+        print(f"Ollama Modelfile:\n  FROM {out}")
     return 0
 
 
@@ -273,19 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("fuse", help="merge a LoRA adapter into the model and save a full Hugging Face folder",
+    p = sub.add_parser("fuse", help="merge a LoRA adapter into the model: a full Hugging Face folder, or a GGUF file",
                        description="Load the model and the adapter, merge W' = W + scale * B A into every adapted "
                        "projection, and write a complete Hugging Face-format folder (config.json, "
                        "model.safetensors, tokenizer files) that transformers and tinylora load without the "
                        "adapter.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or hub repo id (default {DEFAULT_MODEL})")
     p.add_argument("--adapter-path", required=True, help="the LoRA adapter folder (PEFT's format, or mlx-lm's)")
-    p.add_argument("--save-path", required=True, help="the folder to write (must not be the model's own folder)")
+    p.add_argument("--save-path", required=True, help="the folder to write (must not be the model's own folder), "
+                   "or a .gguf file: one GGUF for llama.cpp and Ollama, tokenizer included")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="dtype of the saved weights: fp32 (exact) or bf16 (half the size)")
     p.add_argument("--quantize", default=None, choices=["nf4", "q8_0", "q4_0"],
                    help="quantise the base as training did (--quantize of train): the adapter is merged onto "
                    "the dequantised weights")
+    p.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
+                   help="the tensors' type in a .gguf save path (as convert_hf_to_gguf.py's --outtype; the 4- and "
+                   "5-bit types keep the embeddings at q8_0)")
+    p.add_argument("--force", action="store_true", help="replace --save-path if it exists")
     p.set_defaults(func=_cmd_fuse)
 
     p = sub.add_parser("export", help="write a LoRA adapter for llama.cpp and Ollama (GGUF) or mlx-lm",

@@ -33,17 +33,25 @@ alone. The two differ only where a run of spaces precedes a digit ("x =  1"):
 GPT-2's regex keeps one space with the digit, SmolLM's Digits step does not.
 tests/test_gguf.py checks our split against llama.cpp's rule.
 
+Writing goes the other way (tokenizer_fields, for a merged GGUF): the
+vocabulary in id order, added tokens typed CONTROL (special) or USER_DEFINED,
+the merges, the special ids, the template; and tokenizer.ggml.pre, the one
+thing a tokenizer.json does not name, found by running each pre-tokenizer
+above on a probe text and keeping the one that splits it as the model's does.
+
 What is not here: sentencepiece ("llama") vocabularies, other pre-tokenizers,
 the chat template's rendering (tokenizer.py).
 """
 
 from __future__ import annotations
 
+import json
+
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from ..errors import TinyloraError
 
-CONTROL, USER_DEFINED = 3, 4      # llama.cpp's token types (gguf.TokenType)
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5      # llama.cpp's token types (gguf.TokenType)
 
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -169,3 +177,73 @@ def _post_processor(tokenizer: Tokenizer, bos: str | None, eos: str | None):
     pair = single + ([f"{bos}:1"] if bos else []) + ["$B:1"] + ([f"{eos}:1"] if eos else [])
     specials = [(t, tokenizer.token_to_id(t)) for t in dict.fromkeys(x for x in (bos, eos) if x)]
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+
+# --------------------------------------------------------------------------
+# Writing: a tokenizers.Tokenizer -> GGUF's tokenizer.* keys
+# --------------------------------------------------------------------------
+
+# Digits alone and in runs, runs of spaces before a digit, contractions, letters after punctuation,
+# accents, CJK, newlines: every place where the pre-tokenizers above split differently.
+PROBE = ("Hello world!  It's 12345 apples, x =  1 and 3.14159;\n\n\tI'M HERE don't\r\n"
+         "caf\u00e9 na\u0308ive \u4f60\u597d\uff0c\u4e16\u754c 2024-12-06 ...   $100 #tag @user 'quoted'")
+_CANONICAL = ("gpt2", "smollm", "qwen2", "llama-bpe")
+
+
+def detect_pre(backend: Tokenizer) -> str:
+    """The tokenizer.ggml.pre name whose normalizer + pre-tokenizer split PROBE as `backend` does."""
+    def pieces(normalizer, pre_tokenizer):
+        text = normalizer.normalize_str(PROBE) if normalizer is not None else PROBE
+        return [piece for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
+
+    if backend.pre_tokenizer is None:
+        raise TinyloraError("the tokenizer has no pre-tokenizer; only byte-level BPE tokenizers can be written to GGUF")
+    theirs = pieces(backend.normalizer, backend.pre_tokenizer)
+    for name in _CANONICAL:
+        normalizer, steps = PRE_TOKENIZERS[name]()
+        if pieces(normalizer, pre_tokenizers.Sequence(steps)) == theirs:
+            return name
+    raise TinyloraError("the tokenizer's pre-tokenizer splits text unlike every one llama.cpp names here "
+                        f"({', '.join(_CANONICAL)}); it cannot be written to GGUF")
+
+
+def tokenizer_fields(backend: Tokenizer, special_tokens: dict[str, str], chat_template: str | None,
+                     n_vocab: int) -> list[tuple]:
+    """A byte-level BPE tokenizer -> [(key, value, GGUFValueType[, item type])], build_tokenizer's inverse.
+
+    n_vocab: the embedding's rows; ids past the tokenizer's are written as unused "[PAD<i>]" entries,
+    as convert_hf_to_gguf.py pads them."""
+    from gguf import GGUFValueType as T
+    model = json.loads(backend.to_str())["model"]
+    if model.get("type") != "BPE" or not isinstance(backend.decoder, decoders.ByteLevel):
+        raise TinyloraError(f"the tokenizer is {model.get('type')}, not byte-level BPE; it cannot be written "
+                            "to GGUF here")
+    size = backend.get_vocab_size(with_added_tokens=True)
+    if size > n_vocab:
+        raise TinyloraError(f"the tokenizer has {size} tokens but the embedding only {n_vocab} rows")
+    vocab = {i: t for t, i in backend.get_vocab(with_added_tokens=True).items()}
+    added = backend.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i in vocab:
+            tokens.append(vocab[i])
+            types.append((CONTROL if added[i].special else USER_DEFINED) if i in added else NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    probe = backend.encode("a", add_special_tokens=True).ids          # does the post-processor add BOS/EOS?
+    ids = {key: backend.token_to_id(special_tokens[f"{key}_token"]) if special_tokens.get(f"{key}_token") else None
+           for key in ("bos", "eos", "unk", "pad")}
+    fields = [("tokenizer.ggml.model", "gpt2", T.STRING), ("tokenizer.ggml.pre", detect_pre(backend), T.STRING),
+              ("tokenizer.ggml.tokens", tokens, T.ARRAY, T.STRING),
+              ("tokenizer.ggml.token_type", types, T.ARRAY, T.INT32),
+              ("tokenizer.ggml.merges", merges, T.ARRAY, T.STRING)]
+    for key, name in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        if ids[key] is not None:
+            fields.append((f"tokenizer.ggml.{name}_token_id", ids[key], T.UINT32))
+    fields += [("tokenizer.ggml.add_bos_token", ids["bos"] is not None and probe[:1] == [ids["bos"]], T.BOOL),
+               ("tokenizer.ggml.add_eos_token", ids["eos"] is not None and probe[-1:] == [ids["eos"]], T.BOOL)]
+    if chat_template is not None:
+        fields.append(("tokenizer.chat_template", chat_template, T.STRING))
+    return fields

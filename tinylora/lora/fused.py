@@ -1,11 +1,13 @@
-"""A model -> a complete Hugging Face-format folder; and `fuse`, base model + adapter -> that folder.
+"""A model -> a complete Hugging Face-format folder (or one GGUF file); and `fuse`, base model + adapter -> that.
 
     out/config.json              the source model's, with dtype updated
     out/model.safetensors        every weight under its Hugging Face name; tied embeddings once
     out/tokenizer.json, ...      copied from the source folder when present (from a .gguf base: its
                                  config and tokenizer, as `import-gguf` writes them)
 
-transformers (and tinylora) load the folder like any other checkpoint. It is
+transformers (and tinylora) load the folder like any other checkpoint. A save
+path ending in .gguf writes one GGUF file instead (save_gguf, formats/gguf_write.py):
+llama.cpp and Ollama run it as it is, tokenizer and chat template included. It is
 written into a hidden staging folder and renamed into place when complete, so
 `out/` is either absent or whole.
 
@@ -30,11 +32,14 @@ import numpy as np
 from ..errors import TinyloraError
 from ..formats.files import atomic_folder, read_json, write_json
 from ..formats.gguf import read_gguf_metadata, write_side_files
+from ..formats.gguf_tokenizer import tokenizer_fields
+from ..formats.gguf_write import OUTTYPES, copied_fields, model_fields, write_model_gguf
 from ..formats.hub import TOKENIZER_AND_GENERATION_FILES
 from ..formats.safetensors import BFLOAT16, SINGLE_FILE, write_safetensors
 from ..kernels.bf16 import f32_to_bf16
 from ..kernels.weights import as_weight
 from ..loading import load_model
+from ..tokenizer import Tokenizer
 from .inject import lora_layers, merge
 from .peft import base_weights, load_adapter, quantised_kinds
 
@@ -110,9 +115,35 @@ def save_model(model, out_dir: str | os.PathLike, dtype: str = "float32", overwr
     return out_dir
 
 
+def save_gguf(model, path: str | os.PathLike, outtype: str = "f16", overwrite: bool = False) -> Path:
+    """A merged (or LoRA-free) model -> one GGUF file for llama.cpp and Ollama (formats/gguf_write.py).
+
+    From a GGUF base the file's own metadata and tokenizer are carried over; from a Hugging Face
+    folder they are written from config.json and tokenizer.json, as convert_hf_to_gguf.py does."""
+    if lora_layers(model):
+        raise TinyloraError("the model still has LoRA layers: merge them first (tinylora.merge), "
+                            "or use fuse, which merges")
+    tensors = state_dict(model, "float32")
+    for name, array in tensors.items():
+        if not np.isfinite(array).all():
+            raise TinyloraError(f"{name} holds NaN or inf values; not saving a broken model")
+    folder, source = getattr(model, "folder", None), str(getattr(model, "name_or_path", ""))
+    if folder is None and source.endswith(".gguf"):
+        fields = copied_fields(source)
+    elif folder is not None:
+        tok = Tokenizer.from_folder(folder)
+        fields = model_fields(model.config, Path(folder).name) + \
+            tokenizer_fields(tok.backend, tok.special_tokens, tok.chat_template, model.config.vocab_size)
+    else:
+        raise TinyloraError("the model has no source folder or file to take its tokenizer from; "
+                            "load it with tinylora.load or load_model")
+    return write_model_gguf(path, model.config, tensors, fields, outtype=outtype, overwrite=overwrite)
+
+
 def fuse(model_path: str | os.PathLike, adapter_path: str | os.PathLike, save_path: str | os.PathLike,
-         dtype: str = "float32", overwrite: bool = False, quantize: str | None = None) -> Path:
-    """Base model + PEFT adapter -> a merged Hugging Face-format folder at save_path (`tinylora fuse`).
+         dtype: str = "float32", overwrite: bool = False, quantize: str | None = None, outtype: str = "f16") -> Path:
+    """Base model + adapter -> a merged Hugging Face-format folder at save_path (`tinylora fuse`), or,
+    when save_path ends in .gguf, one GGUF file of type `outtype` (f32, f16, bf16, q8_0, q4_0, ...).
 
     The base model is loaded in float32 whatever `dtype` says: ΔW is merged at
     full precision and rounded once, on writing. A quantised base (a bitsandbytes checkpoint, or
@@ -122,7 +153,12 @@ def fuse(model_path: str | os.PathLike, adapter_path: str | os.PathLike, save_pa
     if dtype not in DTYPES:
         raise TinyloraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     save_path = Path(save_path)
-    if not overwrite and save_path.exists() and (not save_path.is_dir() or any(save_path.iterdir())):
+    as_gguf = save_path.suffix == ".gguf"
+    if as_gguf and outtype not in OUTTYPES:
+        raise TinyloraError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    if as_gguf and save_path.exists() and not overwrite:
+        raise TinyloraError(f"{save_path}: exists; pass --force to replace it")
+    if not as_gguf and not overwrite and save_path.exists() and (not save_path.is_dir() or any(save_path.iterdir())):
         # checked before the (slow) load and merge; save_model checks again when it writes
         raise TinyloraError(f"{save_path}: already exists and is not empty; choose a new folder or remove it")
     model = load_model(model_path, dtype="float32", quantize=quantize)
@@ -130,7 +166,9 @@ def fuse(model_path: str | os.PathLike, adapter_path: str | os.PathLike, save_pa
     stored = base_weights(model)
     if quantised_kinds(stored):
         warnings.warn(f"fuse: the base's projections are held as {stored}: the merged weights are its "
-                      f"dequantised values plus the update, written as {DTYPES[dtype]}, not the float "
+                      f"dequantised values plus the update, written as {outtype if as_gguf else DTYPES[dtype]}, not the float "
                       "model's weights plus the update", stacklevel=2)
     merge(model)
+    if as_gguf:
+        return save_gguf(model, save_path, outtype=outtype, overwrite=overwrite)
     return save_model(model, save_path, dtype=dtype, overwrite=overwrite)
