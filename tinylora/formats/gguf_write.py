@@ -133,12 +133,17 @@ def write_model_gguf(path: str | os.PathLike, config, tensors: dict[str, np.ndar
             w = permute(w, heads[kind])                               # HF rows -> llama.cpp's interleaved rows
         qtype = tensor_type(name, w.shape, outtype)
         writer.add_tensor(name, gguf.quants.quantize(w, qtype) if qtype != Q.F32 else w, raw_dtype=qtype)
+    return write_file(writer, path)
+
+
+def write_file(writer, path: str | os.PathLike) -> Path:
+    """A filled gguf.GGUFWriter (created with path None) -> the file at `path`, renamed into place when whole."""
     with atomic_path(path) as tmp:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return path
+    return Path(path)
 
 
 def _llama_cpp_order(hf_name: str):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import TinyloraError
+from ..model import expected_shapes
 
 # The seven projections of a Qwen2/Llama decoder layer, where each lives, in PEFT's order of a layer.
 TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -71,3 +72,12 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+def adapted_projections(model_config, config: LoraConfig) -> list[tuple[str, int, int]]:
+    """(dotted path, out_features, in_features) of every projection `config` adapts in a model of
+    `model_config`, layer by layer in TARGETS order: what PEFT's and mlx-lm's files both enumerate."""
+    weights = expected_shapes(model_config)
+    layers = range(model_config.num_hidden_layers) if config.layers is None else config.layers
+    paths = [f"model.layers.{i}.{TARGETS[name]}.{name}" for i in layers for name in config.targets]
+    return [(path, *weights[f"{path}.weight"]) for path in paths]

@@ -36,8 +36,7 @@ import numpy as np
 from ..errors import TinyloraError
 from ..formats.files import read_json
 from ..formats.safetensors import check_floats, check_tensors, read_safetensors
-from ..model import expected_shapes as model_shapes
-from .config import PEFT_PREFIX, TARGETS, LoraConfig
+from .config import PEFT_PREFIX, TARGETS, LoraConfig, adapted_projections
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
@@ -114,14 +113,10 @@ def read_mlx_config(path: Path, n_layers: int) -> LoraConfig:
 
 def mlx_shapes(model_config, config: LoraConfig) -> dict[str, tuple[int, int]]:
     """mlx-lm's key and shape of every lora_a (in, r) and lora_b (r, out) that `config` adapts."""
-    weights = model_shapes(model_config)
     shapes = {}
-    for i in range(model_config.num_hidden_layers) if config.layers is None else config.layers:
-        for name in config.targets:
-            path = f"model.layers.{i}.{TARGETS[name]}.{name}"
-            out_features, in_features = weights[f"{path}.weight"]
-            shapes[f"{path}.lora_a"] = (in_features, config.r)
-            shapes[f"{path}.lora_b"] = (config.r, out_features)
+    for path, out_features, in_features in adapted_projections(model_config, config):
+        shapes[f"{path}.lora_a"] = (in_features, config.r)
+        shapes[f"{path}.lora_b"] = (config.r, out_features)
     return shapes
 
 

@@ -43,8 +43,7 @@ import numpy as np
 from ..errors import TinyloraError
 from ..formats.files import atomic_write, read_json
 from ..formats.safetensors import check_floats, check_tensors, read_metadata, read_safetensors, write_safetensors
-from ..model import expected_shapes as model_shapes
-from .config import PEFT_PREFIX, TARGETS, LoraConfig
+from .config import PEFT_PREFIX, TARGETS, LoraConfig, adapted_projections
 from .inject import apply_lora, lora_layers, lora_parameters
 from .mlx import is_mlx_adapter, read_mlx_adapter
 
@@ -283,14 +282,10 @@ def expected_shapes(model, config: LoraConfig) -> dict[str, tuple[int, int]]:
 
 def adapter_shapes(model_config, config: LoraConfig) -> dict[str, tuple[int, int]]:
     """As expected_shapes, from the base's ModelConfig alone (no weights needed)."""
-    weights = model_shapes(model_config)
     shapes = {}
-    for i in range(model_config.num_hidden_layers) if config.layers is None else config.layers:
-        for name in config.targets:
-            path = f"model.layers.{i}.{TARGETS[name]}.{name}"
-            out_features, in_features = weights[f"{path}.weight"]
-            shapes[f"{PEFT_PREFIX}{path}.lora_A.weight"] = (config.r, in_features)
-            shapes[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (out_features, config.r)
+    for path, out_features, in_features in adapted_projections(model_config, config):
+        shapes[f"{PEFT_PREFIX}{path}.lora_A.weight"] = (config.r, in_features)
+        shapes[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (out_features, config.r)
     return shapes
 
 

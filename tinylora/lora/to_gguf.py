@@ -48,8 +48,9 @@ import gguf
 import numpy as np
 
 from ..errors import TinyloraError
-from ..formats.files import atomic_path, read_json
+from ..formats.files import read_json
 from ..formats.gguf import LAYER_NAMES, permute
+from ..formats.gguf_write import write_file
 from ..loading import read_config
 from .config import PEFT_PREFIX
 from .mlx import is_mlx_adapter
@@ -111,12 +112,7 @@ def export_gguf(adapter_path: str | os.PathLike, out: str | os.PathLike, base: s
             data, kind = gguf.quants.quantize(a, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
         writer.add_tensor(name, data, raw_dtype=kind)
     _add_metadata(writer, adapter_path, base_path, gguf_alpha(config))
-    with atomic_path(out) as tmp:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    return out
+    return write_file(writer, out)
 
 
 def _add_metadata(writer, adapter_path: Path, base_path: Path, alpha: float) -> None:
