@@ -29,7 +29,10 @@ def reference(q, k, v, key_mask, dout):
     dh = dout.transpose(0, 2, 1, 3)                              # (B, H, T, D)
     s = scale * qh @ kr.transpose(0, 1, 3, 2)                    # (B, H, T, S)
     causal = np.arange(S)[None, :] <= (S - T + np.arange(T))[:, None]      # (T, S)
-    visible = causal[None, None] & (key_mask[:, None, None, :] != 0)        # (B, 1, T, S)
+    seg = np.asarray(key_mask).astype(np.int64)                  # segment ids: 0 padding, 1, 2, ... examples
+    query = seg[:, S - T:, None]                                 # (B, T, 1): the query's own example
+    same = (query == seg[:, None, :]) | (query == 0)             # a padded query sees every real key
+    visible = causal[None, None] & ((seg[:, None, :] != 0) & same)[:, None]  # (B, 1, T, S)
     s = np.where(visible, s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)                         # rows with no visible key
@@ -323,3 +326,48 @@ def test_one_decoding_step_skips_padding_and_matches_the_reference(dtype):
     assert_close(out[:2], ref[0][:2], tol_for(dtype), "out")
     assert (out[2] == 0).all() and np.isinf(lse[2]).all() and np.isfinite(lse[:2]).all()
     assert_close(lse[:2], ref[4][:2], tol_for(dtype), "lse")
+
+
+def packed_mask(B, S):
+    """(B, S) int32 segment ids: row 0 three examples then padding, row 1 two, row 2 one (the 0/1 case)."""
+    mask = np.ones((B, S), dtype=np.int32)
+    cut = max(1, S // 3)
+    mask[0, cut:2 * cut], mask[0, 2 * cut:], mask[0, S - 1:] = 2, 3, 0
+    if B > 1:
+        mask[1, S // 2:] = 2
+    return mask
+
+
+@pytest.mark.parametrize("q_block", [None, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 7, 7, 4, 2, 5), (2, 9, 9, 6, 3, 4), (2, 1, 8, 4, 2, 3)],
+                         ids=lambda s: "B{}T{}S{}H{}K{}D{}".format(*s))
+def test_packed_rows_attend_within_their_own_example(shape, dtype, q_block, monkeypatch):
+    """Segment ids (packing): the kernels against the reference, and each example of a packed row equals
+    the same example run alone (its own positions' queries see only its own keys)."""
+    if q_block is not None:
+        monkeypatch.setattr(K, "Q_BLOCK", q_block)
+    B, T, S, H, Kh, D = shape
+    rng = np.random.default_rng(1)
+    q, k, v = make_inputs(rng, B, T, S, H, Kh, D, dtype)
+    dout = rng.standard_normal(q.shape).astype(dtype)
+    mask = packed_mask(B, S)
+    dout[mask[:, S - T:] == 0] = 0          # a padded query sees every real key: let nothing flow back from it
+    out, dq, dk, dv = run(q, k, v, mask, dout)
+    ref = reference(*(x.astype(np.float64) for x in (q, k, v)), mask, dout.astype(np.float64))
+    for name, got, want in zip(["out", "dq", "dk", "dv"], [out, dq, dk, dv], ref):
+        assert_close(got, want, tol_for(dtype), f"packed {name} {np.dtype(dtype).name} {shape}")
+    if T == S:
+        for n in (1, 2, 3):
+            cols = np.flatnonzero(mask[0] == n)
+            alone = run(q[:1, cols], k[:1, cols], v[:1, cols], None, dout[:1, cols])
+            for got, want in zip((out, dq, dk, dv), alone):
+                assert_close(got[:1, cols], want, tol_for(dtype), f"example {n} alone")
+
+
+def test_packed_attention_gradcheck():
+    rng = np.random.default_rng(2)
+    q, k, v = make_inputs(rng, 2, 6, 6, 4, 2, 3)
+    mask = packed_mask(2, 6)
+    result = gradcheck(lambda a, b, c: attention(a, b, c, mask), [Tensor(x, requires_grad=True) for x in (q, k, v)])
+    assert_gradcheck(result, "packed attention")

@@ -278,15 +278,15 @@ def test_collate_pads_right_with_mask_and_ignored_labels(smol):
     a, b = encode_example(PC, smol), encode_example(TEXT, smol)
     batch = collate([a, b], pad_id=smol.pad_token_id)
     T = max(len(a.ids), len(b.ids))
-    assert all(x.dtype == np.int64 and x.shape == (2, T) for x in batch)
+    assert all(x.dtype == np.int64 and x.shape == (2, T) for x in batch[:3]) and batch.position_ids is None
     for row, (ids, labels) in enumerate([a, b]):
         n = len(ids)
         assert batch.input_ids[row, :n].tolist() == ids and (batch.input_ids[row, n:] == smol.pad_token_id).all()
         assert batch.labels[row, :n].tolist() == labels and (batch.labels[row, n:] == IGNORE).all()
         assert batch.attention_mask[row].tolist() == [1] * n + [0] * (T - n)
     assert count_targets(batch.labels) == sum(l != IGNORE for e in (a, b) for l in e.labels[1:])
-    input_ids, labels, mask = collate([a, b], pad_id=0, pad_to_multiple=8)     # unpacks like a tuple
-    assert input_ids.shape[1] % 8 == 0 and input_ids.shape[1] - T < 8 and mask[:, T:].sum() == 0
+    input_ids, labels, mask, positions = collate([a, b], pad_id=0, pad_to_multiple=8)     # unpacks like a tuple (unpacked: no positions)
+    assert input_ids.shape[1] % 8 == 0 and input_ids.shape[1] - T < 8 and mask[:, T:].sum() == 0 and positions is None
 
 
 @pytest.mark.parametrize("group_by_length", [False, True])

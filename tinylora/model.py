@@ -139,12 +139,16 @@ class CausalLM(Module):
         return None
 
     def hidden_states(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-                      cache: KVCache | None = None) -> Tensor:
+                      cache: KVCache | None = None, position_ids: np.ndarray | None = None) -> Tensor:
         """input_ids (B, T), attention_mask (B, S) or None -> final hidden states (B, T, C)
 
         attention_mask: 1 for real tokens, 0 for padding, over all S keys
         (cached + new). With a cache the new tokens continue at the cache's
         position; the cache is advanced by T afterwards.
+        Packed rows (several examples in one row): attention_mask holds each
+        token's example, 1, 2, ... (0 padding), so attention stays inside an
+        example, and position_ids (B, T) restart at 0 with each example, as
+        transformers' packed-sequence training passes them.
         """
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -159,8 +163,13 @@ class CausalLM(Module):
             attention_mask = np.asarray(attention_mask)
             if attention_mask.shape != (B, past + T):
                 raise TinyloraError(f"attention_mask has shape {attention_mask.shape}, expected {(B, past + T)}")
-        positions = np.arange(past, past + T)                                  # (T,)
-        cos, sin = rope_tables(positions, self.inv_freq, self.dtype)           # (1, T, D/2) each
+        if position_ids is None:
+            positions = np.arange(past, past + T)                              # (T,)
+        else:
+            positions = np.asarray(position_ids)
+            if positions.shape != (B, T) or cache is not None:
+                raise TinyloraError(f"position_ids must have shape {(B, T)} (and no cache), got {positions.shape}")
+        cos, sin = rope_tables(positions, self.inv_freq, self.dtype)           # (1 or B, T, D/2) each
         x = self.model.embed_tokens(input_ids)                                 # (B, T, C)
         checkpointed = self.grad_checkpoint and cache is None and is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
@@ -173,11 +182,12 @@ class CausalLM(Module):
         return self.model.norm(x)                                              # (B, T, C)
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-                 cache: KVCache | None = None) -> Tensor:
+                 cache: KVCache | None = None, position_ids: np.ndarray | None = None) -> Tensor:
         """input_ids (B, T) -> logits (B, T, V)"""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache))
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache, position_ids))
 
-    def loss(self, input_ids: np.ndarray, labels: np.ndarray, attention_mask: np.ndarray | None = None) -> Tensor:
+    def loss(self, input_ids: np.ndarray, labels: np.ndarray, attention_mask: np.ndarray | None = None,
+             position_ids: np.ndarray | None = None) -> Tensor:
         """input_ids (B, T), labels (B, T) with -100 = not counted -> mean cross-entropy ()
 
         The next-token shift, as transformers does it: the logits at position t
@@ -189,7 +199,7 @@ class CausalLM(Module):
         labels = np.asarray(labels)
         if labels.shape != np.shape(input_ids):
             raise TinyloraError(f"labels have shape {labels.shape}, input_ids {np.shape(input_ids)}")
-        h = self.hidden_states(input_ids, attention_mask)                       # (B, T, C)
+        h = self.hidden_states(input_ids, attention_mask, position_ids=position_ids)   # (B, T, C)
         return self.ops.linear_cross_entropy(h[:, :-1], self.lm_head.weight, labels[:, 1:])   # () via (B, T-1, V) logits
 
     # -- construction ---------------------------------------------------------------------------

@@ -56,6 +56,14 @@ def _attention_case(rng):
     return (lambda q, k, v: attention(q, k, v, key_mask=mask)), [q, k, v], ["q", "k", "v"]
 
 
+def _packed_attention_case(rng):
+    # Packing: row 0 holds three examples (segment ids 1, 2, 3) and a padding key, row 1 two;
+    # each query attends only within its own example.
+    q, k, v = _t(rng, 2, 7, 4, 6), _t(rng, 2, 7, 2, 6), _t(rng, 2, 7, 2, 6)
+    mask = np.array([[1, 1, 2, 2, 2, 3, 0], [1, 1, 1, 2, 2, 2, 2]])
+    return (lambda q, k, v: attention(q, k, v, key_mask=mask)), [q, k, v], ["q", "k", "v"]
+
+
 class _Block(Module):
     """A small layer with two trainable tensors, to checkpoint: x (..., 5) -> (..., 4)."""
 
@@ -130,6 +138,7 @@ CASES: list[OpCase] = [
     OpCase("rope (offset 4)", (RoPEFn,), _rope_case),
     OpCase("swiglu", (SwiGLUFn,), lambda r: (lambda g, u: swiglu(g, u), [_t(r, 2, 3, 5), _t(r, 2, 3, 5)], ["g", "u"])),
     OpCase("attention (GQA, pad, cache)", (CausalAttentionFn,), _attention_case),
+    OpCase("attention (packed rows)", (CausalAttentionFn,), _packed_attention_case),
     OpCase("cross-entropy (-100)", (CrossEntropyFn,), _cross_entropy_case),
     OpCase("lm_head + cross-entropy", (LinearCrossEntropyFn,), _linear_cross_entropy_case),
     OpCase("dropout (p=0.3)", (DropoutFn,), _dropout_case),

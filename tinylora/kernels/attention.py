@@ -16,6 +16,11 @@ q (B, T, H, D), k and v (B, S, K, D), out (B, T, H, D), key_mask (B, S).
   all of its query heads at once.
 * KV cache: S >= T, and the first S - T keys are cached past tokens, so query
   t sits at absolute position S - T + t and sees keys j <= S - T + t.
+* Packing: key_mask holds segment ids, 0 for padding and 1, 2, ... for the
+  examples packed into one row; a query in segment n sees only keys of
+  segment n (the block-diagonal causal mask of packed-sequence training).
+  A 0/1 mask is the unpacked case: one segment per row. A query at a padded
+  position (segment 0) sees every real key before it, as without packing.
 * Padding: keys with key_mask[b, j] == 0 get probability exactly 0, and
   their k and v rows are replaced by zeros before any product, so whatever a
   padded k or v holds (even NaN) cannot leak in.
@@ -65,6 +70,13 @@ from .exp import exp_like
 Q_BLOCK = 256      # query positions per tile: bounds the score tile's memory, skips the causal upper half
 
 
+@nb.njit(cache=True, inline="always")
+def visible(key_mask, b, j, segment):
+    """May a query of `segment` in row b see key j (not in its future)? A real key (segment id != 0) of
+    the query's own segment; a padded query (segment 0) sees every real key, as without packing."""
+    return key_mask[b, j] != 0 and (segment == 0 or key_mask[b, j] == segment)
+
+
 @parallel_when_large(PARALLEL_MIN)
 def softmax_rows(s, key_mask, first, G, lse):
     """s (B, K, R, Sb) scores, in place -> probabilities; key_mask (B, S);
@@ -72,13 +84,14 @@ def softmax_rows(s, key_mask, first, G, lse):
     head -> fills lse (B, K, R) float64
 
     Row r holds query position first + r // G, which sees keys
-    j <= first + r // G with key_mask[b, j] set; every other entry becomes 0.
+    j <= first + r // G with visible(key_mask, b, j, segment); every other entry becomes 0.
     """
     B, K, R, Sb = s.shape
     for item in nb.prange(B * K * R):
         b, g, r = item // (K * R), (item // R) % K, item % R
         row = s[b, g, r]
         last = min(first + r // G, Sb - 1)    # causal: keys 0..last are not in the future
+        segment = key_mask[b, first + r // G]   # the query's own example (0: a padded query)
         # Pass 1: the max m of the visible scores. Subtracting it before exp
         # keeps every exponent <= 0, so exp cannot overflow. `x > m` is False
         # for NaN, so a NaN is never the max, but exp(NaN - m) still reaches
@@ -87,7 +100,7 @@ def softmax_rows(s, key_mask, first, G, lse):
         m = -np.inf
         n_visible = 0
         for j in range(last + 1):
-            if key_mask[b, j]:
+            if visible(key_mask, b, j, segment):
                 n_visible += 1
                 if row[j] > m:
                     m = row[j]
@@ -99,7 +112,7 @@ def softmax_rows(s, key_mask, first, G, lse):
         # then l = sum_j e_j, and p_j = e_j / l.
         m_row, zero = row.dtype.type(m), row.dtype.type(0.0)
         for j in range(last + 1):
-            row[j] = exp_like(row[j] - m_row) if key_mask[b, j] else zero
+            row[j] = exp_like(row[j] - m_row) if visible(key_mask, b, j, segment) else zero
         row[last + 1:] = zero
         l = sum_f64(row, last + 1)
         inv = row.dtype.type(1.0 / l)
@@ -121,14 +134,15 @@ def softmax_rows_backward(s, dp, lse, delta, key_mask, first, G):
     for item in nb.prange(B * K * R):
         b, g, r = item // (K * R), (item // R) % K, item % R
         last = min(first + r // G, Sb - 1)
+        segment = key_mask[b, first + r // G]
         row, drow = s[b, g, r], dp[b, g, r]
         lse_row, delta_row = row.dtype.type(lse[b, g, r]), row.dtype.type(delta[b, g, r])
         zero = row.dtype.type(0.0)
         for j in range(last + 1):                       # vectorised, as in softmax_rows
-            visible = key_mask[b, j]
-            p = exp_like(row[j] - lse_row) if visible else zero
+            seen = visible(key_mask, b, j, segment)
+            p = exp_like(row[j] - lse_row) if seen else zero
             row[j] = p
-            drow[j] = p * (drow[j] - delta_row) if visible else zero
+            drow[j] = p * (drow[j] - delta_row) if seen else zero
         row[last + 1:] = zero
         drow[last + 1:] = zero
 
@@ -152,7 +166,7 @@ def _kv_heads(x, key_mask):
     xt = x.transpose(0, 2, 1, 3)                                       # (B, K, S, D)
     if key_mask.all():
         return xt
-    return np.where(key_mask[:, None, :, None], xt, x.dtype.type(0))
+    return np.where(key_mask[:, None, :, None] != 0, xt, x.dtype.type(0))
 
 
 def _blocks(T):
@@ -194,9 +208,10 @@ def attention_one_query(q, k, v, key_mask, scale):
         qs = q[b, 0, h] * q.dtype.type(scale)             # (D,) scale folded into q, as the tiles do
         s = np.empty(S, dtype=q.dtype)                    # s_j = scale q . k_j, then p_j
         _scores(qs, k, b, g, s)
+        segment = key_mask[b, S - 1]                      # the query's own example
         m, n_visible = -np.inf, 0
         for j in range(S):
-            if key_mask[b, j]:
+            if visible(key_mask, b, j, segment):
                 n_visible += 1
                 if s[j] > m:
                     m = s[j]
@@ -212,7 +227,7 @@ def attention_one_query(q, k, v, key_mask, scale):
         inv = q.dtype.type(1.0 / l)
         o = out[b, 0, h]
         for j in range(S):
-            if key_mask[b, j]:                            # a padded key is skipped, never multiplied by 0
+            if visible(key_mask, b, j, segment):          # a hidden key is skipped, never multiplied by 0
                 p = s[j] * inv
                 for d in range(D):
                     o[d] += p * v[b, j, g, d]

@@ -64,8 +64,10 @@ class CausalAttentionFn(Function):
     -> out (B, T, H, D)
 
     key_mask: 1 for a real token, 0 for padding (the batch's attention_mask,
-    covering cached and new keys); None means every key is real. k and v may
-    be strided views, e.g. the filled part of a preallocated KV cache.
+    covering cached and new keys); None means every key is real. In a packed
+    batch it holds each token's example, 1, 2, ... (0 still padding), and a
+    query sees only the keys of its own example. k and v may be strided
+    views, e.g. the filled part of a preallocated KV cache.
     """
 
     def forward(self, q, k, v, *, key_mask=None):
@@ -81,6 +83,8 @@ class CausalAttentionFn(Function):
             mask = np.ones((B, S), dtype=np.bool_)                  # (B, S) every key real
         else:
             mask = np.ascontiguousarray(np.asarray(key_mask) != 0)   # (B, S) bool, any 0/1 dtype in
+            if mask.any() and np.asarray(key_mask).max() > 1:         # segment ids of a packed batch
+                mask = np.ascontiguousarray(key_mask, dtype=np.int32)
         scale = 1.0 / np.sqrt(D)
         out, lse = attention_forward(q, k, v, mask, scale)
         # Saved: the inputs (views, not copies), the output for delta = dO . o,

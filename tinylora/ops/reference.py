@@ -53,8 +53,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: np.ndarray | None = Non
     scores = (q.transpose(0, 2, 1, 3) @ k.transpose(0, 2, 3, 1)) * (1.0 / np.sqrt(D))   # (B, H, T, S)
     # Query t sits at position S - T + t (after a cache) and sees keys j <= S - T + t that are real.
     causal = np.arange(S)[None, :] <= np.arange(S - T, S)[:, None]                      # (T, S)
-    real = np.ones((B, S), dtype=bool) if key_mask is None else np.asarray(key_mask) != 0
-    visible = causal[None, None] & real[:, None, None, :]                               # (B, 1, T, S)
+    segments = np.ones((B, S), dtype=np.int64) if key_mask is None else np.asarray(key_mask).astype(np.int64)
+    real = segments != 0
+    # Packed rows: a query of example n (key_mask's segment id) sees only example n's keys; a padded
+    # query (0) sees every real key before it, as without packing.
+    query = segments[:, S - T:]                                                         # (B, T)
+    same = (query[:, :, None] == segments[:, None, :]) | (query[:, :, None] == 0)      # (B, T, S)
+    visible = causal[None, None] & real[:, None, None, :] & same[:, None]               # (B, 1, T, S)
     # A hidden key gets the most negative number rather than -inf, so that a query that sees no key at
     # all (a left-padded position) gets a uniform row instead of NaN; `any_visible` then zeroes it,
     # as the fused op outputs 0 there. Where some key is visible, exp underflows to exactly 0.

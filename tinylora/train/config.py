@@ -63,6 +63,8 @@ class TrainConfig:
     max_seq_length: int = setting(2048, "cut examples to this many tokens")
     mask_prompt: bool = setting(True, "train only on the final assistant reply (--no-mask-prompt: every token)")
     group_by_length: bool = setting(False, "batch examples of similar length together (less padding)")
+    pack: bool = setting(False, "pack several examples into each row, up to --max-seq-length, attention kept "
+                         "inside each example and positions restarting (no padding between short examples)")
     steps_per_report: int = setting(10, "a report line every N steps")
     steps_per_eval: int = setting(200, "validation loss every N steps")
     val_batches: int = setting(25, "validation batches; -1 = all")

@@ -22,7 +22,7 @@ the newline after it; for Llama 3 the reply and `<|eot_id|>`. The end-of-turn to
 learned, or the model never learns to stop; mlx-lm trains the same span. Earlier assistant turns
 of a multi-turn chat are context, not targets. Text examples are trained on every token.
 
-Not here: tool calls, multimodal content, packing several examples into one row, streaming
+Not here: tool calls, multimodal content, packing several examples into one row (train/packing.py), streaming
 datasets too large for memory, and the Hugging Face `datasets` library.
 """
 
@@ -322,7 +322,8 @@ def encode_split(split: Split, tokenizer: Tokenizer, mask_prompt: bool = True,
 class Batch(NamedTuple):
     input_ids: np.ndarray          # (B, T) int64, right-padded with the pad id
     labels: np.ndarray             # (B, T) int64, IGNORE on masked prompt tokens and on padding
-    attention_mask: np.ndarray     # (B, T) int64, 1 on real tokens, 0 on padding
+    attention_mask: np.ndarray     # (B, T) int64, 1 on real tokens, 0 on padding (packed: 1, 2, ... per example)
+    position_ids: np.ndarray | None = None   # (B, T) int64 in a packed batch (train/packing.py), else None
 
 
 def collate(examples: list[Tokenized], pad_id: int, pad_to_multiple: int = 1) -> Batch:

@@ -40,7 +40,7 @@ def train_step(model, batches: Iterator[Batch], params: list[tuple[str, Tensor]]
     step_loss, tokens = 0.0, 0
     for _ in range(grad_accum):
         batch = next(batches)
-        loss = model.loss(batch.input_ids, batch.labels, batch.attention_mask)
+        loss = model.loss(batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids)
         value = loss.item()
         if not math.isfinite(value):
             raise NonFinite(f"the loss is {value}")
@@ -67,7 +67,7 @@ def evaluate(model, data: TokenizedSplit, batch_size: int, max_batches: int = -1
             if i == max_batches:
                 break
             n = count_targets(batch.labels)
-            total += model.loss(batch.input_ids, batch.labels, batch.attention_mask).item() * n
+            total += model.loss(batch.input_ids, batch.labels, batch.attention_mask, batch.position_ids).item() * n
             count += n
     model.train(was_training)
     return total / count

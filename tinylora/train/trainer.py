@@ -33,6 +33,7 @@ from ..lora import apply_lora, load_adapter, lora_layers, lora_parameters, save_
 from ..optim import AdamW, LRSchedule
 from .config import TrainConfig
 from .data import TokenizedSplit, batches_per_epoch, encode_split, iterate_batches, load_dataset
+from .packing import iterate_packed_batches, packed_steps
 from .report import TrainLog, plot_loss_curve, progress_bar, train_line, val_line
 from .step import NonFinite, evaluate, train_step
 
@@ -84,8 +85,12 @@ def train(config: TrainConfig, model, tokenizer, progress: bool = True, log=prin
     out.mkdir(parents=True, exist_ok=True)
     run = _Run(config, model, optimizer, data.get("valid"), out, state, progress_bar(total, start, progress))
 
-    batches = iterate_batches(data["train"], config.batch_size, seed=config.seed,
-                              start_step=start * config.grad_accum, group_by_length=config.group_by_length)
+    if config.pack:
+        batches = iterate_packed_batches(data["train"], config.batch_size, config.max_seq_length, seed=config.seed,
+                                         start_step=start * config.grad_accum)
+    else:
+        batches = iterate_batches(data["train"], config.batch_size, seed=config.seed,
+                                  start_step=start * config.grad_accum, group_by_length=config.group_by_length)
     if start == 0:
         run.validate(0)
     for step in range(start + 1, total + 1):
@@ -209,6 +214,9 @@ def _total_steps(config: TrainConfig, train_data: TokenizedSplit) -> int:
     """Optimizer steps: --iters (default 1000), or that many passes over the training set with --epochs."""
     if config.epochs is None:
         return config.iters or 1000
+    if config.pack:
+        per_epochs = packed_steps(train_data, config.batch_size, config.seed, config.max_seq_length, config.epochs)
+        return max(1, round(per_epochs / config.grad_accum))
     return max(1, round(config.epochs * batches_per_epoch(len(train_data), config.batch_size) / config.grad_accum))
 
 
@@ -216,7 +224,7 @@ def _total_steps(config: TrainConfig, train_data: TokenizedSplit) -> int:
 # the same run, so it is refused rather than silently ignored or half-applied.
 _MUST_MATCH = ("data", "rank", "alpha", "dropout", "targets", "rslora", "layers", "batch_size", "iters", "epochs",
                "learning_rate", "lr_schedule", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "grad_accum",
-               "max_seq_length", "mask_prompt", "seed", "group_by_length")
+               "max_seq_length", "mask_prompt", "seed", "group_by_length", "pack")
 
 
 def _resume(config: TrainConfig, model, out: Path, log) -> dict:
@@ -226,6 +234,7 @@ def _resume(config: TrainConfig, model, out: Path, log) -> dict:
         raise TinyloraError(f"--resume: no checkpoint in {out / 'checkpoint'} (train without --resume to start)")
     state = read_json(path)                      # a corrupt file is one line naming it, not a traceback
     saved, now = state.get("config", {}), asdict(config)
+    saved.setdefault("pack", False)              # checkpoints from before --pack existed were unpacked
     for key in _MUST_MATCH:
         if saved.get(key) != now[key]:
             raise TinyloraError(f"--resume: {key} was {saved.get(key)!r} in the checkpointed run, now {now[key]!r}; "
