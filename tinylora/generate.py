@@ -87,10 +87,36 @@ def sample_next(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, to
     return int(rng.choice(p.size, p=p))
 
 
+def check_request(model, prompt_ids: list[int], max_tokens: int, allow_long_context: bool = False) -> None:
+    """Refuse, in one line, what generation cannot honour: max_tokens below 1, and a prompt (or prompt +
+    max_tokens) beyond the model's context, max_position_embeddings, unless allow_long_context (llama.cpp
+    also refuses a prompt longer than its context; past the trained length quality falls apart)."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise TinyloraError(f"generate: max_tokens must be a whole number >= 1, got {max_tokens!r}")
+    context = model.config.max_position_embeddings
+    if allow_long_context:
+        return
+    if len(prompt_ids) > context:
+        raise TinyloraError(f"generate: the prompt has {len(prompt_ids)} tokens, more than the model's context of "
+                            f"{context} (max_position_embeddings); shorten it, or allow_long_context / "
+                            "--allow-long-context to go beyond")
+    if len(prompt_ids) + max_tokens > context:
+        raise TinyloraError(f"generate: the prompt's {len(prompt_ids)} tokens plus max_tokens {max_tokens} make "
+                            f"{len(prompt_ids) + max_tokens}, more than the model's context of {context} "
+                            "(max_position_embeddings); lower max_tokens, or allow_long_context / "
+                            "--allow-long-context to go beyond")
+
+
 def stream_generate(model, prompt_ids: list[int], max_tokens: int = 100, temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids: Iterable[int] = (),
-                    stats: GenerationStats | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time (the stop token itself is not yielded)."""
+                    stats: GenerationStats | None = None, allow_long_context: bool = False) -> Iterator[int]:
+    """Yield new token ids one at a time (the stop token itself is not yielded). The request is checked
+    when this is called, before the first token is asked for (check_request)."""
+    _check(model, prompt_ids, max_tokens, temperature, top_k, top_p, allow_long_context)
+    return _stream(model, prompt_ids, max_tokens, temperature, top_k, top_p, seed, stop_ids, stats)
+
+
+def _check(model, prompt_ids, max_tokens, temperature, top_k, top_p, allow_long_context) -> None:
     if not prompt_ids:
         raise TinyloraError("generate: the prompt is empty")
     if not temperature >= 0.0:                             # also catches NaN
@@ -99,8 +125,10 @@ def stream_generate(model, prompt_ids: list[int], max_tokens: int = 100, tempera
         raise TinyloraError(f"generate: top_p must be in [0, 1], got {top_p}")
     if top_k < 0:
         raise TinyloraError(f"generate: top_k must be >= 0, got {top_k}")
-    if max_tokens <= 0:
-        return
+    check_request(model, prompt_ids, max_tokens, allow_long_context)
+
+
+def _stream(model, prompt_ids, max_tokens, temperature, top_k, top_p, seed, stop_ids, stats) -> Iterator[int]:
     stop = set(stop_ids)
     rng = np.random.default_rng(seed)
     stats = stats if stats is not None else GenerationStats()
@@ -145,7 +173,7 @@ def _next_logits(model, token: int, cache: KVCache) -> np.ndarray:
 
 def generate(model, tokenizer, prompt_ids: list[int], max_tokens: int = 100, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None,
-             stats: GenerationStats | None = None) -> list[int]:
+             stats: GenerationStats | None = None, allow_long_context: bool = False) -> list[int]:
     """prompt ids -> new token ids, stopping at the tokenizer's end-of-sequence/turn tokens.
 
     on_text: called with each newly decoded piece of text (for streaming to a terminal).
@@ -153,7 +181,8 @@ def generate(model, tokenizer, prompt_ids: list[int], max_tokens: int = 100, tem
     stop = tokenizer.eos_token_ids if tokenizer is not None else set()
     decoder = tokenizer.decode_stream() if (on_text is not None and tokenizer is not None) else None
     out = []
-    for token in stream_generate(model, prompt_ids, max_tokens, temperature, top_k, top_p, seed, stop, stats):
+    for token in stream_generate(model, prompt_ids, max_tokens, temperature, top_k, top_p, seed, stop, stats,
+                                 allow_long_context):
         out.append(token)
         if decoder is not None:
             piece = decoder.step(token)

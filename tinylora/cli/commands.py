@@ -40,8 +40,10 @@ def _cmd_import_gguf(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from ..generate import GenerationStats, generate
+    from ..generate import GenerationStats, check_request, generate
     from ..loading import load
+    if args.max_tokens < 1:                                   # before the model is read
+        raise TinyloraError(f"--max-tokens must be a whole number >= 1, got {args.max_tokens}")
     model, tok = load(args.model, dtype=args.dtype, quantize=args.quantize)
     _maybe_adapter(model, args)
     if args.ignore_chat_template:
@@ -50,10 +52,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": args.prompt}]
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    check_request(model, ids, args.max_tokens, args.allow_long_context)   # refused before anything is printed
     stats = GenerationStats()
     print("==========")
     generate(model, tok, ids, max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k,
-             top_p=args.top_p, seed=args.seed, stats=stats, on_text=lambda s: print(s, end="", flush=True))
+             top_p=args.top_p, seed=args.seed, stats=stats, on_text=lambda s: print(s, end="", flush=True),
+             allow_long_context=args.allow_long_context)
     print("\n==========")
     print(stats.report())
     return 0
@@ -270,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold; 1 = off (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--allow-long-context", action="store_true",
+                   help="generate past the model's context (max_position_embeddings) instead of refusing")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("info", help="architecture and parameter counts of a model",
