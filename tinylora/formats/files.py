@@ -16,7 +16,7 @@ would leave its folder (`../../etc/passwd`, an absolute path).
 files are written into a hidden sibling folder, which is renamed into place
 only when all of them are complete.
 
-What is not here: no locking (one writer per file is assumed).
+What is not here: locking (one writer per file is assumed; a training run holds its folder through lock.py).
 """
 
 from __future__ import annotations

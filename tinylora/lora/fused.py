@@ -34,6 +34,7 @@ from ..formats.files import atomic_folder, read_json, write_json
 from ..formats.gguf import read_gguf_metadata, write_side_files
 from ..formats.gguf_tokenizer import tokenizer_fields
 from ..formats.gguf_write import OUTTYPES, copied_fields, model_fields, write_model_gguf
+from ..formats.lock import check_not_held
 from ..formats.hub import TOKENIZER_AND_GENERATION_FILES
 from ..formats.safetensors import BFLOAT16, SINGLE_FILE, write_safetensors
 from ..kernels.bf16 import f32_to_bf16
@@ -153,6 +154,7 @@ def fuse(model_path: str | os.PathLike, adapter_path: str | os.PathLike, save_pa
     if dtype not in DTYPES:
         raise TinyloraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     save_path = Path(save_path)
+    check_not_held(save_path, "fuse into another folder")      # a running train's adapter folder
     as_gguf = save_path.suffix == ".gguf"
     if as_gguf and outtype not in OUTTYPES:
         raise TinyloraError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")

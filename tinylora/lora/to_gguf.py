@@ -51,6 +51,7 @@ from ..errors import TinyloraError
 from ..formats.files import read_json
 from ..formats.gguf import LAYER_NAMES, permute
 from ..formats.gguf_write import write_file
+from ..formats.lock import check_not_held
 from ..loading import read_config
 from .config import PEFT_PREFIX
 from .mlx import is_mlx_adapter
@@ -97,6 +98,7 @@ def export_gguf(adapter_path: str | os.PathLike, out: str | os.PathLike, base: s
     adapter_path, out = Path(adapter_path), Path(out)
     if outtype not in OUTTYPES:
         raise TinyloraError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    check_not_held(out, "export elsewhere")
     if out.exists() and not overwrite:
         raise TinyloraError(f"{out}: exists; pass --force to replace it")
     base = adapter_base(adapter_path, base)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import TinyloraError
 from ..formats.files import atomic_folder, write_bytes
+from ..formats.lock import check_not_held
 from ..formats.safetensors import write_safetensors
 from ..loading import read_config
 from .mlx import CONFIG_FILE, WEIGHTS_FILE, mlx_config_dict, mlx_tensors
@@ -28,6 +29,7 @@ from .to_gguf import adapter_base
 def export_mlx(adapter_path: str | os.PathLike, out: str | os.PathLike, base: str | os.PathLike | None = None,
                overwrite: bool = False, weights_dir: str | os.PathLike = "weights") -> Path:
     """adapter_path -> the mlx-lm adapter folder `out`; returns its path. base: as export_gguf's."""
+    check_not_held(out, "export into another folder")
     if Path(out).exists() and not overwrite:
         raise TinyloraError(f"{out}: exists; pass --force to replace it")
     base = adapter_base(adapter_path, base)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..errors import TinyloraError
 from ..formats.files import atomic_folder, read_json, write_json
+from ..formats.lock import run_lock
 from ..lora import apply_lora, load_adapter, lora_layers, lora_parameters, save_adapter
 from ..optim import AdamW, LRSchedule
 from .config import TrainConfig
@@ -52,10 +53,18 @@ class TrainResult:
 
 
 def train(config: TrainConfig, model, tokenizer, progress: bool = True, log=print) -> TrainResult:
-    """Fine-tune LoRA adapters of `model` on config.data; returns the losses. See the module docstring."""
-    out = Path(config.adapter_path)
+    """Fine-tune LoRA adapters of `model` on config.data; returns the losses. See the module docstring.
+
+    The data is checked first; then the run holds its adapter folder (formats/lock.py) until it ends,
+    so a second run on the same folder is refused instead of mixing its checkpoints with this one's."""
     data = _encode(config, tokenizer, log)
     total = _total_steps(config, data["train"])
+    with run_lock(config.adapter_path, log):
+        return _train(config, model, data, total, progress, log)
+
+
+def _train(config: TrainConfig, model, data: dict, total: int, progress: bool, log) -> TrainResult:
+    out = Path(config.adapter_path)
     state = {}
     if config.resume:
         state = _resume(config, model, out, log)
